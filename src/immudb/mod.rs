@@ -1,0 +1,5 @@
+//! A verified immudb client: every write and read is checked against immudb's own
+//! cryptographic proofs and a trusted state kept on disk.
+
+pub mod proof;
+pub mod state;

@@ -1,0 +1,9 @@
+//! bt2immu: turns what bpftrace sees into a tamper-evident, verified audit trail in immudb.
+//!
+//! The pipeline is `source → decode → shape → spool → sink → immudb`; each stage is a module
+//! with a narrow interface so it can be tested without root and without a server.
+
+pub mod decode;
+pub mod immudb;
+pub mod readline;
+pub mod script;
