@@ -2,4 +2,5 @@
 //! cryptographic proofs and a trusted state kept on disk.
 
 pub mod proof;
+pub mod proto;
 pub mod state;
