@@ -7,3 +7,4 @@ pub mod decode;
 pub mod immudb;
 pub mod readline;
 pub mod script;
+pub mod spool;
