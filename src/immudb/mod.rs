@@ -3,4 +3,5 @@
 
 pub mod proof;
 pub mod proto;
+pub mod server;
 pub mod state;
