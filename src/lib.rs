@@ -6,5 +6,6 @@
 pub mod decode;
 pub mod immudb;
 pub mod readline;
+pub mod record;
 pub mod script;
 pub mod spool;
