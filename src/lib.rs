@@ -9,3 +9,4 @@ pub mod readline;
 pub mod record;
 pub mod script;
 pub mod spool;
+pub mod supervisor;
