@@ -1,0 +1,186 @@
+//! Writing spooled records to immudb: batched, verified, acknowledged.
+//!
+//! A batch becomes one immudb transaction written with `verified_set` and a "key must not
+//! exist" precondition on every key. Only when the proof checked does the spool learn that the
+//! records are safe (`ack`). So:
+//! - immudb down or slow: the sink retries with backoff, records wait in the spool, nothing is
+//!   lost and nothing is acknowledged early;
+//! - a replay after a crash (the records were committed but the ack was not written): the
+//!   precondition fails, the sink reads each key back *verified* and accepts it only if the
+//!   stored value is byte-identical to ours — otherwise that is a conflict and an alarm;
+//! - any proof failure: stop at once with a tampering error; the caller exits with code 3.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::immudb::client::{ClientError, ImmuClient, SetMode};
+use crate::spool::{Entry, Spool, SpoolError, SpoolReader};
+
+#[derive(Debug, Clone)]
+pub struct SinkConfig {
+    /// Records per transaction (immudb allows at most 1024 entries per transaction).
+    pub max_batch: usize,
+    /// Bytes of keys and values per transaction (immudb's request limit is 32 MiB).
+    pub max_batch_bytes: usize,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+}
+
+impl Default for SinkConfig {
+    fn default() -> Self {
+        SinkConfig {
+            max_batch: 500,
+            max_batch_bytes: 8 * 1024 * 1024,
+            retry_initial: Duration::from_millis(200),
+            retry_max: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SinkStats {
+    pub written: u64,
+    pub transactions: u64,
+    /// Records found already committed with identical values (a replay after a crash).
+    pub already_present: u64,
+    pub retries: u64,
+    pub last_tx: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("VERIFICATION FAILED — possible tampering: {0}")]
+    Tampering(#[source] ClientError),
+    #[error(
+        "key {key} already holds a different value in immudb: the trail was altered or another \
+         agent wrote under this agent's keys"
+    )]
+    Conflict { key: String },
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+}
+
+impl SinkError {
+    pub fn is_tampering(&self) -> bool {
+        matches!(self, SinkError::Tampering(_) | SinkError::Conflict { .. })
+    }
+}
+
+/// Where the sink stands, for progress output and shutdown decisions.
+#[derive(Debug, Clone, Default)]
+pub struct SinkProgress {
+    pub stats: SinkStats,
+    /// Last acknowledged sequence number.
+    pub acked: u64,
+    /// The last error while immudb was unreachable, cleared on success.
+    pub failing: Option<String>,
+}
+
+/// Runs until `drain` is true and everything appended so far is acknowledged, or until
+/// `abandon` is true (immudb unreachable at shutdown: what is left stays in the spool for the
+/// next start).
+pub async fn run(
+    client: &ImmuClient,
+    spool: Arc<Mutex<Spool>>,
+    mut reader: SpoolReader,
+    cfg: SinkConfig,
+    mut drain: watch::Receiver<bool>,
+    abandon: watch::Receiver<bool>,
+    progress: watch::Sender<SinkProgress>,
+) -> Result<SinkStats, SinkError> {
+    let mut stats = SinkStats::default();
+    loop {
+        let batch = reader.read_batch(cfg.max_batch, cfg.max_batch_bytes)?;
+        if batch.is_empty() {
+            let end = { spool.lock().expect("spool lock").next_seq() - 1 };
+            if *drain.borrow() && reader.position() >= end {
+                return Ok(stats);
+            }
+            tokio::select! {
+                _ = reader.wait_for_more() => {}
+                _ = drain.changed() => {}
+            }
+            continue;
+        }
+        let last = batch.last().map(|e| e.seq).unwrap_or(0);
+        if !write_batch(client, &batch, &cfg, &mut stats, &abandon, &progress).await? {
+            return Ok(stats); // abandoned: records stay in the spool
+        }
+        spool.lock().expect("spool lock").ack(last)?;
+        progress.send_modify(|p| {
+            p.stats = stats.clone();
+            p.acked = last;
+            p.failing = None;
+        });
+    }
+}
+
+/// Writes one batch until it is committed and verified. Returns false if abandoned.
+async fn write_batch(
+    client: &ImmuClient,
+    batch: &[Entry],
+    cfg: &SinkConfig,
+    stats: &mut SinkStats,
+    abandon: &watch::Receiver<bool>,
+    progress: &watch::Sender<SinkProgress>,
+) -> Result<bool, SinkError> {
+    let mut pending: Vec<&Entry> = batch.iter().collect();
+    let mut backoff = cfg.retry_initial;
+    while !pending.is_empty() {
+        let kvs: Vec<(Vec<u8>, Vec<u8>)> = pending
+            .iter()
+            .map(|e| (e.key.clone(), e.value.clone()))
+            .collect();
+        let err = match client.verified_set(&kvs, SetMode::MustNotExist).await {
+            Ok(tx) => {
+                stats.written += pending.len() as u64;
+                stats.transactions += 1;
+                stats.last_tx = tx;
+                return Ok(true);
+            }
+            Err(e) => e,
+        };
+        if err.is_tampering() {
+            return Err(SinkError::Tampering(err));
+        }
+        if err.is_precondition_failed() {
+            // Some of these keys exist: keep only the ones that do not, after checking that
+            // the ones that do hold exactly our bytes.
+            let mut still = Vec::new();
+            for e in pending {
+                match client.verified_get(&e.key).await {
+                    Ok(found) if found.value == e.value => stats.already_present += 1,
+                    Ok(_) => {
+                        return Err(SinkError::Conflict {
+                            key: String::from_utf8_lossy(&e.key).into_owned(),
+                        })
+                    }
+                    Err(ge) if ge.is_key_not_found() => still.push(e),
+                    Err(ge) if ge.is_tampering() => return Err(SinkError::Tampering(ge)),
+                    Err(ge) => {
+                        tracing::warn!(error = %ge, "reading back an existing key failed; will retry");
+                        still.push(e);
+                    }
+                }
+            }
+            pending = still;
+            continue;
+        }
+        stats.retries += 1;
+        let msg = err.to_string();
+        tracing::warn!(error = %msg, retry_in = ?backoff, records = pending.len(), "immudb write failed; records stay in the spool");
+        progress.send_modify(|p| p.failing = Some(msg.clone()));
+        if *abandon.borrow() {
+            return Ok(false);
+        }
+        let mut abandon = abandon.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = abandon.wait_for(|a| *a) => return Ok(false),
+        }
+        backoff = (backoff * 2).min(cfg.retry_max);
+    }
+    Ok(true)
+}
