@@ -1,0 +1,269 @@
+//! Command-line definitions. Names follow immuclient's flags and environment variables so
+//! people who already use immudb's tools need nothing new.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+pub const EXIT_OK: i32 = 0;
+pub const EXIT_ERROR: i32 = 1;
+pub const EXIT_USAGE: i32 = 2;
+pub const EXIT_VERIFICATION: i32 = 3;
+pub const EXIT_REFUSED: i32 = 4;
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success; also after SIGINT/SIGTERM once everything captured is flushed
+  1  error (immudb unreachable at start, bpftrace failing, I/O, ...)
+  2  bad usage or unreadable input
+  3  VERIFICATION FAILED: a proof did not check, the server rolled back or changed identity,
+     the trusted state was altered, or a signature did not match (possible tampering)
+  4  the script was refused as unsafe (unsafe builtins, or writable by non-root users)";
+
+const EXAMPLES: &str = "\
+Examples:
+  sudo bt2immu scripts/bashreadline.bt               record every line typed into bash
+  sudo bt2immu --stdout scripts/bashreadline.bt      ... and print each record as JSON
+  sudo bt2immu run scripts/examples/execsnoop.bt     any bpftrace script: printf lines -> fields
+  sudo bt2immu run -e 'tracepoint:syscalls:sys_enter_execve { printf(\"%d %s\\n\", pid, comm); }'
+  bt2immu check scripts/examples/execsnoop.bt        is it safe, which fields will it produce
+  bpftrace -f json x.bt | bt2immu ingest -           write recorded bpftrace output
+  bt2immu query --prefix bash: --format table        read the trail back, verified";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bt2immu",
+    version,
+    about = "Turns what bpftrace sees into a tamper-evident, verified audit trail in immudb",
+    long_about = "Runs a bpftrace script (printf output only, never --unsafe), turns every \
+                  line it prints into a record with provenance, keeps it in a durable spool, and \
+                  writes it to immudb with verified writes whose proofs bt2immu checks itself.\n\n\
+                  `bt2immu SCRIPT.bt` is short for `bt2immu run SCRIPT.bt`.",
+    after_help = EXAMPLES,
+    after_long_help = format!("{EXAMPLES}\n\n{EXIT_CODES}")
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// More log output (-v info, -vv debug); RUST_LOG also works.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a bpftrace script and record its output (the default command).
+    #[command(after_long_help = EXIT_CODES)]
+    Run(RunArgs),
+    /// Decode recorded bpftrace output (text or -f json) and write it through the pipeline.
+    #[command(after_long_help = EXIT_CODES)]
+    Ingest(IngestArgs),
+    /// Say whether a script is safe to run and which fields its output will have.
+    #[command(after_long_help = EXIT_CODES)]
+    Check(CheckArgs),
+    /// Read records back from immudb, each one verified.
+    #[command(after_long_help = EXIT_CODES)]
+    Query(QueryArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ConnArgs {
+    /// immudb server address. Without it (and with nothing listening on 127.0.0.1:3322),
+    /// `run` starts a local immudb of its own under the state dir.
+    #[arg(long, env = "IMMUCLIENT_IMMUDB_ADDRESS")]
+    pub immudb_address: Option<String>,
+    #[arg(long, env = "IMMUCLIENT_IMMUDB_PORT", default_value_t = 3322)]
+    pub immudb_port: u16,
+    #[arg(long, env = "IMMUCLIENT_USERNAME", default_value = "immudb")]
+    pub username: String,
+    /// File holding the password (first line). Or set IMMUCLIENT_PASSWORD; there is no
+    /// password flag, so the password never shows on a command line.
+    #[arg(long, env = "IMMUCLIENT_PASSWORD_FILE")]
+    pub password_file: Option<PathBuf>,
+    #[arg(long, env = "IMMUCLIENT_DATABASE", default_value = "defaultdb")]
+    pub database: String,
+    /// Pin the server's state-signing public key (PEM): every state must carry a valid
+    /// signature by it.
+    #[arg(long, env = "IMMUCLIENT_SERVER_SIGNING_PUB_KEY")]
+    pub server_signing_pub_key: Option<PathBuf>,
+    /// CA certificate (PEM) to connect with TLS.
+    #[arg(long, env = "BT2IMMU_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Where the trusted state, the spool and a local immudb live.
+    #[arg(long, env = "BT2IMMU_STATE_DIR", default_value = "/var/lib/bt2immu")]
+    pub state_dir: PathBuf,
+    /// TOML config file with the same keys as these flags (e.g. immudb-address = "10.0.0.5").
+    #[arg(long, env = "BT2IMMU_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Auto,
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The bpftrace script to run.
+    #[arg(required_unless_present = "program", conflicts_with = "program")]
+    pub script: Option<PathBuf>,
+    /// A bpftrace program given inline, like `bpftrace -e`.
+    #[arg(short = 'e', long = "program", value_name = "PROGRAM")]
+    pub program: Option<String>,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Also print every record as a JSON line on stdout.
+    #[arg(long)]
+    pub stdout: bool,
+    /// bpftrace binary.
+    #[arg(long, env = "BT2IMMU_BPFTRACE", default_value = "bpftrace")]
+    pub bpftrace: PathBuf,
+    /// Longest line captured whole by the bashreadline script; longer lines are stored cut,
+    /// flagged, with their real length and their tail.
+    #[arg(long, default_value_t = 16384)]
+    pub max_line_bytes: usize,
+    /// Shell binaries whose readline to probe (default: /bin/bash and bash from /etc/shells).
+    #[arg(long = "shell", value_name = "PATH")]
+    pub shells: Vec<PathBuf>,
+    /// bpftrace output mode for your own scripts (the bashreadline script always uses json).
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub bpftrace_format: OutputFormat,
+    /// Name of the record source (key prefix); default: the script's file name.
+    #[arg(long)]
+    pub source: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct IngestArgs {
+    /// File with bpftrace output, or - for stdin.
+    #[arg(default_value = "-")]
+    pub input: PathBuf,
+    /// Input format; auto looks at the first bytes.
+    #[arg(long, short = 'f', value_enum, default_value_t = OutputFormat::Auto)]
+    pub format: OutputFormat,
+    /// The script that produced the output: gives field names (and recognises the
+    /// bashreadline protocol).
+    #[arg(long)]
+    pub script: Option<PathBuf>,
+    /// Name of the record source (key prefix).
+    #[arg(long)]
+    pub source: Option<String>,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    #[arg(long)]
+    pub stdout: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    pub script: PathBuf,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QueryFormat {
+    Jsonl,
+    Table,
+}
+
+#[derive(Debug, Args)]
+pub struct QueryArgs {
+    /// Key prefix, e.g. `bash:` or `bash:web1:`.
+    #[arg(long, default_value = "")]
+    pub prefix: String,
+    /// At most this many records.
+    #[arg(long, default_value_t = 1000)]
+    pub limit: u64,
+    #[arg(long, value_enum, default_value_t = QueryFormat::Jsonl)]
+    pub format: QueryFormat,
+    /// Verify each record (verified_get); without it records are only listed.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub verify: bool,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+/// `bt2immu SCRIPT.bt ...` is `bt2immu run SCRIPT.bt ...`: insert `run` when the first
+/// argument that is not a global flag is not a subcommand.
+pub fn normalize_args(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    const SUBCOMMANDS: &[&str] = &["run", "ingest", "check", "query", "help"];
+    const TOP_LEVEL: &[&str] = &["-h", "--help", "-V", "--version"];
+    let first = args
+        .iter()
+        .skip(1)
+        .position(|a| {
+            let s = a.to_string_lossy();
+            !(s == "-v" || s == "-vv" || s == "-vvv" || s == "--verbose")
+        })
+        .map(|i| i + 1);
+    if let Some(i) = first {
+        let s = args[i].to_string_lossy().into_owned();
+        if !SUBCOMMANDS.contains(&s.as_str()) && !TOP_LEVEL.contains(&s.as_str()) {
+            args.insert(i, "run".into());
+        }
+    } else if args.len() == 1 {
+        // bare `bt2immu`: show help
+    }
+    args
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Cli {
+        let v = normalize_args(args.iter().map(|s| s.into()).collect());
+        Cli::try_parse_from(v).unwrap()
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn short_form_means_run() {
+        let c = parse(&["bt2immu", "scripts/bashreadline.bt"]);
+        match c.command {
+            Command::Run(r) => {
+                assert_eq!(r.script.unwrap(), PathBuf::from("scripts/bashreadline.bt"))
+            }
+            other => panic!("{other:?}"),
+        }
+        let c = parse(&["bt2immu", "--stdout", "x.bt"]);
+        assert!(matches!(
+            c.command,
+            Command::Run(RunArgs { stdout: true, .. })
+        ));
+        let c = parse(&["bt2immu", "-v", "check", "x.bt"]);
+        assert!(matches!(c.command, Command::Check(_)));
+    }
+
+    #[test]
+    fn there_is_no_password_flag() {
+        let v = normalize_args(
+            ["bt2immu", "run", "--password", "x", "a.bt"]
+                .iter()
+                .map(|s| s.into())
+                .collect(),
+        );
+        assert!(Cli::try_parse_from(v).is_err());
+    }
+
+    #[test]
+    fn inline_program() {
+        let c = parse(&["bt2immu", "run", "-e", "BEGIN { printf(\"hi\\n\"); }"]);
+        match c.command {
+            Command::Run(r) => {
+                assert!(r.script.is_none());
+                assert!(r.program.unwrap().contains("BEGIN"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
