@@ -1,0 +1,747 @@
+//! The commands behind the CLI: wiring source → pipeline → spool → sink for `run` and
+//! `ingest`, plus `check` and `query`. This is the edge of the program, so errors are `anyhow`
+//! with context; the exit code is decided here.
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Map};
+use sha2::{Digest as _, Sha256};
+use tokio::sync::{mpsc, watch};
+
+use crate::cli::{self, CheckArgs, ConnArgs, IngestArgs, OutputFormat, QueryArgs, RunArgs};
+use crate::decode::{self, Format};
+use crate::immudb::client::{ClientConfig, ImmuClient};
+use crate::immudb::server::{LocalImmudb, LocalImmudbOptions};
+use crate::pipeline::{Interpretation, Pipeline};
+use crate::readline;
+use crate::record::{self, HostContext, ScriptRef, Shaper};
+use crate::script;
+use crate::sink::{self, SinkConfig, SinkError, SinkProgress};
+use crate::spool::Spool;
+use crate::supervisor::{self, BpftraceCommand, ChildMsg, Ended, RestartPolicy};
+
+/// An error that maps to a specific exit code.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Exit {
+    pub code: i32,
+    pub message: String,
+}
+
+fn exit(code: i32, message: impl Into<String>) -> anyhow::Error {
+    Exit {
+        code,
+        message: message.into(),
+    }
+    .into()
+}
+
+/// Maps any error to the documented exit code.
+pub fn exit_code(err: &anyhow::Error) -> i32 {
+    if let Some(e) = err.downcast_ref::<Exit>() {
+        return e.code;
+    }
+    if let Some(e) = err.downcast_ref::<SinkError>() {
+        if e.is_tampering() {
+            return cli::EXIT_VERIFICATION;
+        }
+    }
+    if let Some(e) = err.downcast_ref::<crate::immudb::client::ClientError>() {
+        if e.is_tampering() {
+            return cli::EXIT_VERIFICATION;
+        }
+    }
+    cli::EXIT_ERROR
+}
+
+/// Settings from a TOML file become environment defaults, so flags win over environment
+/// variables, which win over the file.
+pub fn apply_config_file(path: Option<&Path>) -> Result<()> {
+    let default = Path::new("/etc/bt2immu/config.toml");
+    let path = match path {
+        Some(p) => p.to_path_buf(),
+        None if default.exists() => default.to_path_buf(),
+        None => return Ok(()),
+    };
+    let text = fs::read_to_string(&path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    let table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))?;
+    for (k, v) in table {
+        let env = match k.as_str() {
+            "immudb-address" => "IMMUCLIENT_IMMUDB_ADDRESS",
+            "immudb-port" => "IMMUCLIENT_IMMUDB_PORT",
+            "username" => "IMMUCLIENT_USERNAME",
+            "password" => "IMMUCLIENT_PASSWORD",
+            "password-file" => "IMMUCLIENT_PASSWORD_FILE",
+            "database" => "IMMUCLIENT_DATABASE",
+            "server-signing-pub-key" => "IMMUCLIENT_SERVER_SIGNING_PUB_KEY",
+            "tls-ca" => "BT2IMMU_TLS_CA",
+            "state-dir" => "BT2IMMU_STATE_DIR",
+            "bpftrace" => "BT2IMMU_BPFTRACE",
+            other => bail!("{}: unknown setting {other:?}", path.display()),
+        };
+        let value = match v {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            other => bail!("{}: {k} must be a string or number, not {other}", path.display()),
+        };
+        if std::env::var_os(env).is_none() {
+            // SAFETY: called once at start-up, before any thread is spawned.
+            unsafe { std::env::set_var(env, value) };
+        }
+    }
+    Ok(())
+}
+
+fn read_password(conn: &ConnArgs) -> Result<Option<String>> {
+    if let Some(p) = &conn.password_file {
+        let s = fs::read_to_string(p)
+            .with_context(|| format!("reading password file {}", p.display()))?;
+        return Ok(Some(s.lines().next().unwrap_or("").to_string()));
+    }
+    Ok(std::env::var("IMMUCLIENT_PASSWORD").ok())
+}
+
+fn ensure_private_dir(dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("setting permissions of {}", dir.display()))?;
+    Ok(())
+}
+
+/// The immudb to talk to: a configured one, or one we start ourselves.
+pub struct Target {
+    pub config: ClientConfig,
+    pub local: Option<LocalImmudb>,
+}
+
+fn port_open(port: u16) -> bool {
+    std::net::TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(300),
+    )
+    .is_ok()
+}
+
+fn generated_password() -> String {
+    let mut bytes = [0u8; 18];
+    if let Ok(mut f) = fs::File::open("/dev/urandom") {
+        let _ = f.read_exact(&mut bytes);
+    }
+    // immudb's CLIs want upper, lower, digit and symbol; base64 plus a fixed suffix has them.
+    use base64::Engine as _;
+    format!(
+        "{}-A1a",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    )
+}
+
+/// Decides where to write. With no address configured and nothing on 127.0.0.1:3322, starts a
+/// local immudb (data and a generated admin password under the state dir).
+pub async fn resolve_target(conn: &ConnArgs, allow_local: bool) -> Result<Target> {
+    let mut password = read_password(conn)?;
+    let mut local = None;
+    let address = match &conn.immudb_address {
+        Some(a) => a.clone(),
+        None => {
+            let local_dir = conn.state_dir.join("immudb");
+            let pw_file = conn.state_dir.join("immudb-admin-password");
+            if allow_local && !port_open(conn.immudb_port) {
+                ensure_private_dir(&conn.state_dir)?;
+                let pw = match fs::read_to_string(&pw_file) {
+                    Ok(s) => s.trim().to_string(),
+                    Err(_) => {
+                        let pw = generated_password();
+                        let mut f = fs::OpenOptions::new()
+                            .write(true)
+                            .create_new(true)
+                            .mode(0o600)
+                            .open(&pw_file)
+                            .with_context(|| format!("writing {}", pw_file.display()))?;
+                        use std::io::Write;
+                        writeln!(f, "{pw}")?;
+                        pw
+                    }
+                };
+                eprintln!(
+                    "bt2immu: no immudb at 127.0.0.1:{port}; starting a local one (data: {}, \
+                     admin password in {}); it stops when bt2immu stops",
+                    local_dir.display(),
+                    pw_file.display(),
+                    port = conn.immudb_port
+                );
+                let server = LocalImmudb::start(LocalImmudbOptions {
+                    data_dir: Some(local_dir),
+                    port: Some(conn.immudb_port),
+                    admin_password: Some(pw.clone()),
+                    ..Default::default()
+                })
+                .await
+                .context("starting a local immudb")?;
+                local = Some(server);
+                if password.is_none() {
+                    password = Some(pw);
+                }
+            } else if password.is_none() && pw_file.exists() {
+                // The local immudb of an earlier run, still up: use its password.
+                password = Some(fs::read_to_string(&pw_file)?.trim().to_string());
+            }
+            "127.0.0.1".to_string()
+        }
+    };
+    let config = ClientConfig {
+        address,
+        port: conn.immudb_port,
+        username: conn.username.clone(),
+        password: password.unwrap_or_else(|| "immudb".into()),
+        database: conn.database.clone(),
+        state_dir: conn.state_dir.join("trust"),
+        server_signing_pub_key: conn.server_signing_pub_key.clone(),
+        tls_ca: conn.tls_ca.clone(),
+        ..ClientConfig::default()
+    };
+    Ok(Target { config, local })
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Holds the per-source spool lock for the life of the agent: two agents with the same source
+/// would reuse sequence numbers.
+struct SpoolLock(#[allow(dead_code)] fs::File);
+
+fn open_spool(state_dir: &Path, source: &str) -> Result<(Arc<Mutex<Spool>>, crate::spool::Recovery, SpoolLock)> {
+    let root = state_dir.join("spool");
+    ensure_private_dir(&root)?;
+    let lock_path = root.join(format!("{source}.lock"));
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .with_context(|| format!("opening {}", lock_path.display()))?;
+    use fs4::fs_std::FileExt;
+    if !lock.try_lock_exclusive().unwrap_or(false) {
+        bail!(
+            "another bt2immu is already recording source {source:?} with state dir {} \
+             (lock {} is held)",
+            state_dir.display(),
+            lock_path.display()
+        );
+    }
+    let (spool, recovery) = Spool::open(root.join(source))
+        .with_context(|| format!("opening the spool under {}", root.display()))?;
+    Ok((Arc::new(Mutex::new(spool)), recovery, SpoolLock(lock)))
+}
+
+/// Starts the sink; connects (retrying) first, so capture goes on while immudb is down.
+fn spawn_sink(
+    config: ClientConfig,
+    spool: Arc<Mutex<Spool>>,
+    drain: watch::Receiver<bool>,
+    abandon: watch::Receiver<bool>,
+    progress: watch::Sender<SinkProgress>,
+) -> tokio::task::JoinHandle<Result<sink::SinkStats>> {
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(500);
+        let client = loop {
+            match ImmuClient::connect(config.clone()).await {
+                Ok(c) => break c,
+                Err(e) if e.is_tampering() => return Err(anyhow::Error::new(e)),
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    tracing::warn!(error = %msg, "cannot reach immudb; records stay in the spool, retrying");
+                    progress.send_modify(|p| p.failing = Some(msg));
+                    if *abandon.borrow() {
+                        return Ok(sink::SinkStats::default());
+                    }
+                    let mut ab = abandon.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = ab.wait_for(|a| *a) => return Ok(sink::SinkStats::default()),
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        };
+        let reader = spool.lock().expect("spool lock").reader();
+        let res = sink::run(
+            &client,
+            spool,
+            reader,
+            SinkConfig::default(),
+            drain,
+            abandon,
+            progress,
+        )
+        .await;
+        client.close().await;
+        Ok(res?)
+    })
+}
+
+/// The common tail of `run` and `ingest`: drain the sink, report, pick the exit code.
+async fn finish_sink(
+    sink_task: tokio::task::JoinHandle<Result<sink::SinkStats>>,
+    drain_tx: watch::Sender<bool>,
+    abandon_tx: watch::Sender<bool>,
+    spool: &Arc<Mutex<Spool>>,
+    drain_timeout: Duration,
+) -> Result<sink::SinkStats> {
+    let _ = drain_tx.send(true);
+    let abandon_later = tokio::spawn(async move {
+        tokio::time::sleep(drain_timeout).await;
+        let _ = abandon_tx.send(true);
+    });
+    let stats = sink_task.await.context("sink task panicked")??;
+    abandon_later.abort();
+    let pending = spool.lock().expect("spool lock").pending();
+    if pending > 0 {
+        eprintln!(
+            "bt2immu: {pending} record(s) could not be written now; they are safe in the spool \
+             and will be written at the next start"
+        );
+    }
+    Ok(stats)
+}
+
+fn progress_logger(mut rx: watch::Receiver<SinkProgress>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        tick.tick().await;
+        let mut last = 0u64;
+        loop {
+            tick.tick().await;
+            let p = rx.borrow_and_update().clone();
+            if p.stats.written != last || p.failing.is_some() {
+                tracing::info!(
+                    written = p.stats.written,
+                    transactions = p.stats.transactions,
+                    last_tx = p.stats.last_tx,
+                    failing = p.failing.as_deref().unwrap_or(""),
+                    "progress"
+                );
+                last = p.stats.written;
+            }
+        }
+    })
+}
+
+/// Fails with exit code 4 when the script is unsafe.
+fn checked_script(
+    path: Option<&Path>,
+    program: Option<&str>,
+) -> Result<(String, script::ScriptInfo)> {
+    let (source, info) = match (path, program) {
+        (Some(p), _) => {
+            let src = fs::read_to_string(p).map_err(|e| {
+                exit(cli::EXIT_USAGE, format!("cannot read script {}: {e}", p.display()))
+            })?;
+            let info = script::check_script(p).map_err(|e| exit(cli::EXIT_REFUSED, format!("{e}")))?;
+            (src, info)
+        }
+        (None, Some(prog)) => {
+            let info =
+                script::check_program(prog).map_err(|e| exit(cli::EXIT_REFUSED, format!("{e}")))?;
+            (prog.to_string(), info)
+        }
+        (None, None) => return Err(exit(cli::EXIT_USAGE, "give a script file or -e PROGRAM")),
+    };
+    Ok((source, info))
+}
+
+fn source_default(path: Option<&Path>, readline_protocol: bool) -> String {
+    if readline_protocol {
+        return "bash".into();
+    }
+    match path {
+        Some(p) => record::source_for_script(p),
+        None => "bpftrace".into(),
+    }
+}
+
+pub async fn run(args: RunArgs) -> Result<i32> {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("bt2immu: warning: not running as root; bpftrace needs root (sudo) to attach probes");
+    }
+    let (source_text, info) = checked_script(args.script.as_deref(), args.program.as_deref())?;
+    let is_readline = readline::is_readline_script(&source_text);
+    let source = record::source_name(
+        &args
+            .source
+            .clone()
+            .unwrap_or_else(|| source_default(args.script.as_deref(), is_readline)),
+    );
+    ensure_private_dir(&args.conn.state_dir)?;
+    let run_dir = args.conn.state_dir.join("run");
+    ensure_private_dir(&run_dir)?;
+
+    // What to run: the bashreadline protocol is rendered for this host's binaries.
+    let (format, interp, program_file, env) = if is_readline {
+        let shells = if args.shells.is_empty() {
+            readline::default_shells()
+        } else {
+            args.shells.clone()
+        };
+        let targets = readline::locate_targets(&shells)
+            .context("finding the readline functions to probe")?;
+        if targets.is_empty() {
+            bail!("no readline function found to probe in {shells:?} or the libreadline they load");
+        }
+        let opts = readline::ReadlineOptions {
+            max_line_bytes: args.max_line_bytes,
+            ..Default::default()
+        };
+        let rendered = readline::render_script(&source_text, &targets, &opts)
+            .context("preparing the bashreadline script")?;
+        for t in &targets {
+            eprintln!("bt2immu: probing {} in {}", t.symbol, t.binary.display());
+        }
+        let file = run_dir.join(format!("{source}.bt"));
+        write_private(&file, rendered.as_bytes())?;
+        (
+            Format::Json,
+            Interpretation::Readline(readline::Assembler::new(opts.clone())),
+            file,
+            readline::bpftrace_env(&opts),
+        )
+    } else {
+        let file = match &args.script {
+            Some(p) => p.clone(),
+            None => {
+                let f = run_dir.join(format!("{source}-inline.bt"));
+                write_private(&f, source_text.as_bytes())?;
+                f
+            }
+        };
+        let format = match args.bpftrace_format {
+            OutputFormat::Json => Format::Json,
+            _ => Format::Text,
+        };
+        (
+            format,
+            Interpretation::Script(Box::new(info)),
+            file,
+            Vec::new(),
+        )
+    };
+
+    let target = resolve_target(&args.conn, true).await?;
+    let (spool, recovery, _lock) = open_spool(&args.conn.state_dir, &source)?;
+    let host = HostContext::detect().context("reading host identity")?;
+    let script_ref = ScriptRef {
+        path: args
+            .script
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "-e".into()),
+        sha256: sha256_hex(source_text.as_bytes()),
+    };
+    let next_seq = spool.lock().expect("spool lock").next_seq();
+    let shaper = Shaper::new(host, &source, Some(script_ref), next_seq);
+    let key_prefix = shaper.key_prefix();
+    let mut pipeline = Pipeline::new(format, interp, shaper, spool.clone(), args.stdout);
+    if recovery.torn_bytes > 0 {
+        let mut d = Map::new();
+        d.insert("bytes".into(), json!(recovery.torn_bytes));
+        pipeline.note_loss("spool_torn_tail", 1, d)?;
+    }
+    let mut d = Map::new();
+    d.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
+    d.insert("replaying".into(), json!(recovery.pending));
+    pipeline.note("agent_started", d)?;
+
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let (abandon_tx, abandon_rx) = watch::channel(false);
+    let (progress_tx, progress_rx) = watch::channel(SinkProgress::default());
+    let sink_task = spawn_sink(
+        target.config.clone(),
+        spool.clone(),
+        drain_rx,
+        abandon_rx,
+        progress_tx,
+    );
+    let logger = progress_logger(progress_rx.clone());
+
+    let mut bt_args: Vec<std::ffi::OsString> = Vec::new();
+    if format == Format::Json {
+        bt_args.push("-f".into());
+        bt_args.push("json".into());
+    }
+    bt_args.push(program_file.clone().into());
+    let cmd = BpftraceCommand::new(args.bpftrace.clone(), bt_args, env)?;
+    let (child_tx, mut child_rx) = mpsc::channel::<ChildMsg>(1024);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let supervisor_task = tokio::spawn(supervisor::supervise(
+        cmd,
+        RestartPolicy::default(),
+        child_tx,
+        stop_rx,
+    ));
+    eprintln!(
+        "bt2immu: recording to immudb {}:{} database {} under keys {key_prefix}… \
+         (Ctrl-C to stop)",
+        target.config.address, target.config.port, target.config.database
+    );
+
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut sink_task = Some(sink_task);
+    let mut stopping = false;
+    let mut sink_failed: Option<anyhow::Error> = None;
+    loop {
+        tokio::select! {
+            msg = child_rx.recv() => match msg {
+                Some(m) => pipeline.child(m)?,
+                None => break,
+            },
+            _ = sigint.recv(), if !stopping => { stopping = true; eprintln!("bt2immu: stopping (SIGINT): flushing what was captured"); let _ = stop_tx.send(true); }
+            _ = sigterm.recv(), if !stopping => { stopping = true; eprintln!("bt2immu: stopping (SIGTERM): flushing what was captured"); let _ = stop_tx.send(true); }
+            res = async { sink_task.as_mut().expect("sink running").await }, if sink_task.is_some() => {
+                sink_task = None;
+                // The sink only ends early on a fatal error (e.g. tampering).
+                let err = match res {
+                    Ok(Ok(_)) => anyhow::anyhow!("the sink stopped unexpectedly"),
+                    Ok(Err(e)) => e,
+                    Err(e) => anyhow::anyhow!("sink task failed: {e}"),
+                };
+                eprintln!("bt2immu: {err:#}");
+                sink_failed = Some(err);
+                stopping = true;
+                let _ = stop_tx.send(true);
+            }
+        }
+    }
+    let ended = supervisor_task.await.context("supervisor panicked")??;
+    pipeline.finish()?;
+    if let Ended::GaveUp { last_code } = ended {
+        let mut d = Map::new();
+        d.insert("last_exit_code".into(), json!(last_code));
+        pipeline.note("bpftrace_gave_up", d)?;
+    }
+    let mut d = Map::new();
+    d.insert("records".into(), json!(pipeline.counts.records));
+    d.insert("lost_events".into(), json!(pipeline.counts.lost_events));
+    pipeline.note("agent_stopped", d)?;
+    logger.abort();
+    if let Some(e) = sink_failed {
+        return Err(e);
+    }
+    let stats = finish_sink(
+        sink_task.expect("sink running"),
+        drain_tx,
+        abandon_tx,
+        &spool,
+        Duration::from_secs(15),
+    )
+    .await?;
+    eprintln!(
+        "bt2immu: {} records captured ({} typed lines, {} events, {} raw, {} events lost in the \
+         kernel); {} written and verified in {} transactions (last tx {})",
+        pipeline.counts.records,
+        pipeline.counts.typed_lines,
+        pipeline.counts.events,
+        pipeline.counts.raw,
+        pipeline.counts.lost_events,
+        stats.written,
+        stats.transactions,
+        stats.last_tx
+    );
+    drop(target);
+    match ended {
+        Ended::GaveUp { last_code } => Err(exit(
+            cli::EXIT_ERROR,
+            format!("bpftrace kept failing (last exit code {last_code:?}); see the messages above"),
+        )),
+        Ended::Stopped => Ok(cli::EXIT_OK),
+    }
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        use std::io::Write;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+pub async fn ingest(args: IngestArgs) -> Result<i32> {
+    let mut input = Vec::new();
+    if args.input == Path::new("-") {
+        std::io::stdin().read_to_end(&mut input).context("reading stdin")?;
+    } else {
+        input = fs::read(&args.input).map_err(|e| {
+            exit(cli::EXIT_USAGE, format!("cannot read {}: {e}", args.input.display()))
+        })?;
+    }
+    let format = match args.format {
+        OutputFormat::Json => Format::Json,
+        OutputFormat::Text => Format::Text,
+        OutputFormat::Auto => decode::sniff_format(&input),
+    };
+    let (script_text, interp) = match &args.script {
+        Some(p) => {
+            let text = fs::read_to_string(p).map_err(|e| {
+                exit(cli::EXIT_USAGE, format!("cannot read script {}: {e}", p.display()))
+            })?;
+            if readline::is_readline_script(&text) {
+                (
+                    Some(text),
+                    Interpretation::Readline(readline::Assembler::new(
+                        readline::ReadlineOptions::default(),
+                    )),
+                )
+            } else {
+                let info = script::analyze(&text).map_err(|e| exit(cli::EXIT_USAGE, format!("{e}")))?;
+                (Some(text), Interpretation::Script(Box::new(info)))
+            }
+        }
+        None => (None, Interpretation::Plain),
+    };
+    let is_readline = matches!(interp, Interpretation::Readline(_));
+    let source = record::source_name(
+        &args
+            .source
+            .clone()
+            .unwrap_or_else(|| source_default(args.script.as_deref(), is_readline)),
+    );
+    ensure_private_dir(&args.conn.state_dir)?;
+    let target = resolve_target(&args.conn, false).await?;
+    let (spool, recovery, _lock) = open_spool(&args.conn.state_dir, &source)?;
+    let host = HostContext::detect().context("reading host identity")?;
+    let script_ref = args.script.as_ref().map(|p| ScriptRef {
+        path: p.display().to_string(),
+        sha256: sha256_hex(script_text.as_deref().unwrap_or("").as_bytes()),
+    });
+    let next_seq = spool.lock().expect("spool lock").next_seq();
+    let shaper = Shaper::new(host, &source, script_ref, next_seq);
+    let mut pipeline = Pipeline::new(format, interp, shaper, spool.clone(), args.stdout);
+    if recovery.torn_bytes > 0 {
+        let mut d = Map::new();
+        d.insert("bytes".into(), json!(recovery.torn_bytes));
+        pipeline.note_loss("spool_torn_tail", 1, d)?;
+    }
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let (abandon_tx, abandon_rx) = watch::channel(false);
+    let (progress_tx, _progress_rx) = watch::channel(SinkProgress::default());
+    let sink_task = spawn_sink(target.config.clone(), spool.clone(), drain_rx, abandon_rx, progress_tx);
+    for chunk in input.chunks(256 * 1024) {
+        pipeline.feed(chunk)?;
+    }
+    pipeline.finish()?;
+    let stats = finish_sink(sink_task, drain_tx, abandon_tx, &spool, Duration::from_secs(30)).await?;
+    eprintln!(
+        "bt2immu: {} records from {} ({} raw, {} events lost); {} written and verified in {} \
+         transactions",
+        pipeline.counts.records,
+        args.input.display(),
+        pipeline.counts.raw,
+        pipeline.counts.lost_events,
+        stats.written,
+        stats.transactions
+    );
+    let pending = spool.lock().expect("spool lock").pending();
+    if pending > 0 {
+        return Err(exit(cli::EXIT_ERROR, format!("{pending} records not yet written to immudb")));
+    }
+    Ok(cli::EXIT_OK)
+}
+
+pub fn check(args: CheckArgs) -> Result<i32> {
+    match script::check_script(&args.script) {
+        Ok(info) => {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&info.describe_json())?);
+            } else {
+                println!("{}: safe to run", args.script.display());
+                print!("{}", info.describe());
+            }
+            Ok(cli::EXIT_OK)
+        }
+        Err(e) => {
+            if args.json {
+                println!("{}", json!({"script": args.script, "safe": false, "reason": e.to_string()}));
+            } else {
+                eprintln!("{}: REFUSED\n{e}", args.script.display());
+            }
+            Ok(cli::EXIT_REFUSED)
+        }
+    }
+}
+
+pub async fn query(args: QueryArgs) -> Result<i32> {
+    let target = resolve_target(&args.conn, false).await?;
+    let client = ImmuClient::connect(target.config.clone())
+        .await
+        .context("connecting to immudb")?;
+    let entries = client
+        .scan_all(args.prefix.as_bytes(), args.limit)
+        .await
+        .context("scanning")?;
+    let mut rows = Vec::new();
+    for e in entries {
+        let value = if args.verify {
+            let v = client.verified_get(&e.key).await?;
+            v.value
+        } else {
+            e.value
+        };
+        let parsed: serde_json::Value = serde_json::from_slice(&value)
+            .unwrap_or_else(|_| json!({"raw": record::readable(&value)}));
+        rows.push((String::from_utf8_lossy(&e.key).into_owned(), e.tx, parsed));
+    }
+    match args.format {
+        cli::QueryFormat::Jsonl => {
+            for (key, tx, value) in &rows {
+                println!("{}", json!({"key": key, "tx": tx, "verified": args.verify, "value": value}));
+            }
+        }
+        cli::QueryFormat::Table => {
+            println!("{:<30} {:>7} {:>6} {:<8} {:<6} LINE", "TIME", "PID", "UID", "USER", "TTY");
+            for (_, _, v) in &rows {
+                let g = |k: &str| v.get(k).map(|x| x.to_string().trim_matches('"').to_string()).unwrap_or_default();
+                let line = v
+                    .get("line")
+                    .and_then(|l| l.as_str())
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| g("event"));
+                println!(
+                    "{:<30} {:>7} {:>6} {:<8} {:<6} {}",
+                    g("ts"),
+                    g("pid"),
+                    g("uid"),
+                    g("user"),
+                    g("tty"),
+                    line.escape_debug()
+                );
+            }
+        }
+    }
+    client.close().await;
+    eprintln!(
+        "bt2immu: {} record(s){}",
+        rows.len(),
+        if args.verify { ", each verified" } else { "" }
+    );
+    Ok(cli::EXIT_OK)
+}
+

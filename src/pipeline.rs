@@ -1,0 +1,321 @@
+//! The capture half of the agent: bytes from bpftrace (or a file) → decoded events → records
+//! → the spool. Everything that arrives ends up as a record: lines that cannot be split are
+//! kept raw and flagged, and losses (bpftrace's "Lost N events", bpftrace exits, torn spool
+//! tails) become records of their own so the trail shows each gap.
+
+use std::sync::{Arc, Mutex};
+
+use serde_json::{json, Map, Value};
+
+use crate::decode::{Decoder, Event, Format};
+use crate::readline;
+use crate::record::{Process, Record, Shaper, TypedLine};
+use crate::script::{ScriptInfo, Split};
+use crate::spool::{Entry, Spool, SpoolError};
+use crate::supervisor::ChildMsg;
+
+/// How output lines are turned into records.
+pub enum Interpretation {
+    /// The bashreadline chunk protocol: chunks are reassembled into whole typed lines.
+    Readline(readline::Assembler),
+    /// A user's script: printf lines split into named fields where possible.
+    Script(Box<ScriptInfo>),
+    /// No script known (ingest without --script): every line is kept as it is.
+    Plain,
+}
+
+/// Counters of everything that passed, so a summary can account for every line.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Counts {
+    pub records: u64,
+    pub typed_lines: u64,
+    pub events: u64,
+    pub raw: u64,
+    pub lost_events: u64,
+    pub bpftrace_errors: u64,
+}
+
+pub struct Pipeline {
+    format: Format,
+    decoder: Decoder,
+    interp: Interpretation,
+    shaper: Shaper,
+    spool: Arc<Mutex<Spool>>,
+    echo: bool,
+    pub counts: Counts,
+}
+
+impl Pipeline {
+    pub fn new(
+        format: Format,
+        interp: Interpretation,
+        shaper: Shaper,
+        spool: Arc<Mutex<Spool>>,
+        echo: bool,
+    ) -> Pipeline {
+        Pipeline {
+            format,
+            decoder: Decoder::new(format),
+            interp,
+            shaper,
+            spool,
+            echo,
+            counts: Counts::default(),
+        }
+    }
+
+    pub fn shaper_mut(&mut self) -> &mut Shaper {
+        &mut self.shaper
+    }
+
+    /// Feeds raw stdout bytes; complete records are durable in the spool when this returns.
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<(), SpoolError> {
+        let events = self.decoder.push(bytes);
+        let mut out = Vec::new();
+        for ev in events {
+            self.handle_event(ev, &mut out);
+        }
+        self.commit(out)
+    }
+
+    /// Something the supervisor saw: starts, exits, stderr lines.
+    pub fn child(&mut self, msg: ChildMsg) -> Result<(), SpoolError> {
+        match msg {
+            ChildMsg::Stdout(b) => self.feed(&b),
+            ChildMsg::Started { pid, attempt } => {
+                let mut d = Map::new();
+                d.insert("bpftrace_pid".into(), json!(pid));
+                d.insert("attempt".into(), json!(attempt));
+                let r = self.shaper.agent("bpftrace_started", d);
+                self.commit(vec![r])
+            }
+            ChildMsg::Stderr(line) => {
+                let mut out = Vec::new();
+                // bpftrace >= 0.24 reports lost events on stderr.
+                if let Some(n) = parse_lost(&line) {
+                    self.lost(n, &mut out);
+                } else {
+                    let mut d = Map::new();
+                    crate::record::put_bytes(&mut d, "stderr", &line);
+                    self.counts.bpftrace_errors += 1;
+                    out.push(self.shaper.agent("bpftrace_stderr", d));
+                }
+                self.commit(out)
+            }
+            ChildMsg::Exited {
+                code,
+                signal,
+                ran_for,
+                requested,
+            } => {
+                // Whatever is pending belongs to the run that just ended.
+                let mut out = Vec::new();
+                self.end_of_stream(&mut out);
+                let mut d = Map::new();
+                d.insert("exit_code".into(), json!(code));
+                d.insert("signal".into(), json!(signal));
+                d.insert("ran_for_ms".into(), json!(ran_for.as_millis() as u64));
+                d.insert("requested".into(), json!(requested));
+                let event = if requested {
+                    "bpftrace_stopped"
+                } else {
+                    "bpftrace_died"
+                };
+                out.push(self.shaper.agent(event, d));
+                self.decoder = Decoder::new(self.format);
+                self.commit(out)
+            }
+        }
+    }
+
+    /// End of input: flush partial lines and incomplete typed lines.
+    pub fn finish(&mut self) -> Result<(), SpoolError> {
+        let mut out = Vec::new();
+        self.end_of_stream(&mut out);
+        self.commit(out)
+    }
+
+    /// Appends agent-level records (start, stop, spool recovery).
+    pub fn note(&mut self, event: &str, detail: Map<String, Value>) -> Result<(), SpoolError> {
+        let r = self.shaper.agent(event, detail);
+        self.commit(vec![r])
+    }
+
+    /// Records a loss that happened outside the stream (e.g. a torn spool tail).
+    pub fn note_loss(
+        &mut self,
+        cause: &str,
+        count: u64,
+        detail: Map<String, Value>,
+    ) -> Result<(), SpoolError> {
+        let r = self.shaper.loss(cause, count, detail);
+        self.commit(vec![r])
+    }
+
+    fn end_of_stream(&mut self, out: &mut Vec<Record>) {
+        for ev in self.decoder.finish() {
+            self.handle_event(ev, out);
+        }
+        if let Interpretation::Readline(asm) = &mut self.interp {
+            let pending = asm.finish();
+            for a in pending {
+                self.readline_event(a, out);
+            }
+        }
+    }
+
+    fn lost(&mut self, n: u64, out: &mut Vec<Record>) {
+        self.counts.lost_events += n;
+        let mut d = Map::new();
+        d.insert(
+            "detail".into(),
+            json!("bpftrace's perf buffer overflowed: events were dropped in the kernel"),
+        );
+        out.push(self.shaper.loss("bpftrace_lost_events", n, d));
+    }
+
+    fn handle_event(&mut self, ev: Event, out: &mut Vec<Record>) {
+        match ev {
+            Event::Output(line) => self.output_line(line, out),
+            Event::Lost { events } => self.lost(events, out),
+            Event::Attached { probes } => {
+                let mut d = Map::new();
+                d.insert("probes".into(), json!(probes));
+                out.push(self.shaper.agent("bpftrace_attached", d));
+            }
+            Event::HelperError {
+                helper,
+                retcode,
+                line,
+                col,
+                msg,
+            } => {
+                self.counts.bpftrace_errors += 1;
+                let mut d = Map::new();
+                d.insert("helper".into(), json!(helper));
+                d.insert("retcode".into(), json!(retcode));
+                d.insert("line".into(), json!(line));
+                d.insert("col".into(), json!(col));
+                d.insert("msg".into(), json!(msg));
+                out.push(self.shaper.agent("bpftrace_helper_error", d));
+            }
+            Event::RuntimeError { msg } => {
+                self.counts.bpftrace_errors += 1;
+                let mut d = Map::new();
+                d.insert("msg".into(), json!(msg));
+                out.push(self.shaper.agent("bpftrace_runtime_error", d));
+            }
+            Event::Map { raw } => {
+                let mut d = Map::new();
+                crate::record::put_bytes(&mut d, "map", &raw);
+                out.push(self.shaper.agent("bpftrace_map", d));
+            }
+            Event::ExitMarker => {}
+            Event::Raw { bytes, reason } => {
+                self.counts.raw += 1;
+                out.push(self.shaper.raw(&bytes, &reason));
+            }
+        }
+    }
+
+    fn output_line(&mut self, line: Vec<u8>, out: &mut Vec<Record>) {
+        match &mut self.interp {
+            Interpretation::Readline(asm) => {
+                let assembled = asm.push(&line);
+                for a in assembled {
+                    self.readline_event(a, out);
+                }
+            }
+            Interpretation::Script(info) => match info.split_line(&line) {
+                Split::Fields { probe, fields } => {
+                    self.counts.events += 1;
+                    let mut m = Map::new();
+                    for (name, value) in fields {
+                        m.insert(name, value.to_json());
+                    }
+                    out.push(self.shaper.fields(&probe, m, &line));
+                }
+                Split::Header => {}
+                Split::Raw { reason } => {
+                    self.counts.raw += 1;
+                    out.push(self.shaper.raw(&line, &reason));
+                }
+            },
+            Interpretation::Plain => {
+                self.counts.events += 1;
+                out.push(self.shaper.fields("", Map::new(), &line));
+            }
+        }
+    }
+
+    fn readline_event(&mut self, a: readline::AssembledEvent, out: &mut Vec<Record>) {
+        match a {
+            readline::AssembledEvent::Line(l) => {
+                self.counts.typed_lines += 1;
+                let p = Process {
+                    pid: Some(l.pid),
+                    tid: Some(l.tid),
+                    ppid: Some(l.ppid),
+                    uid: Some(l.uid),
+                    gid: Some(l.gid),
+                    loginuid: Some(l.loginuid),
+                    sessionid: Some(l.sessionid),
+                    tty: Some(String::from_utf8_lossy(&l.tty).into_owned()),
+                    comm: Some(String::from_utf8_lossy(&l.comm).into_owned()),
+                    cgroup: Some(l.cgroup),
+                };
+                let mut extra = Map::new();
+                if l.len_is_lower_bound {
+                    extra.insert("len_at_least".into(), json!(true));
+                }
+                let typed = TypedLine {
+                    probe: &l.probe,
+                    line: &l.line,
+                    len: l.len,
+                    truncated: l.truncated,
+                    tail: l.tail.as_deref(),
+                    extra,
+                };
+                out.push(self.shaper.readline(&p, Some(l.nsecs), &typed));
+            }
+            readline::AssembledEvent::Malformed { raw, reason } => {
+                self.counts.raw += 1;
+                out.push(self.shaper.raw(&raw, &reason));
+            }
+        }
+    }
+
+    fn commit(&mut self, records: Vec<Record>) -> Result<(), SpoolError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let entries: Vec<Entry> = records
+            .iter()
+            .map(|r| Entry {
+                seq: r.seq,
+                key: r.key.clone().into_bytes(),
+                value: r.value_bytes(),
+            })
+            .collect();
+        self.spool.lock().expect("spool lock").append(&entries)?;
+        self.counts.records += records.len() as u64;
+        if self.echo {
+            use std::io::Write;
+            let stdout = std::io::stdout();
+            let mut lock = stdout.lock();
+            for r in &records {
+                let line = json!({"key": r.key, "value": r.value});
+                let _ = writeln!(lock, "{line}");
+            }
+            let _ = lock.flush();
+        }
+        Ok(())
+    }
+}
+
+/// `Lost 12 events` (bpftrace text, on stdout before 0.24 and on stderr from 0.24).
+pub fn parse_lost(line: &[u8]) -> Option<u64> {
+    let s = std::str::from_utf8(line).ok()?.trim();
+    let n = s.strip_prefix("Lost ")?.strip_suffix(" events")?;
+    n.parse().ok()
+}
