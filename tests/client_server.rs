@@ -21,15 +21,19 @@ async fn health(port: u16) -> bool {
 fn process_alive(pid: u32) -> bool {
     // A zombie still has /proc/<pid>; look at its state too.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s.split_whitespace().nth(2).is_some_and(|st| st == "Z"),
+        Ok(s) => s.split_whitespace().nth(2).is_some_and(|st| st != "Z"),
         Err(_) => false,
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_servers_restart_and_cleanup() {
-    let a = LocalImmudb::start(LocalImmudbOptions::default()).await.unwrap();
-    let mut b = LocalImmudb::start(LocalImmudbOptions::default()).await.unwrap();
+    let a = LocalImmudb::start(LocalImmudbOptions::default())
+        .await
+        .unwrap();
+    let mut b = LocalImmudb::start(LocalImmudbOptions::default())
+        .await
+        .unwrap();
     assert_ne!(a.port(), b.port());
     assert!(health(a.port()).await && health(b.port()).await);
     let ident = std::fs::read(b.data_dir().join("immudb.identifier")).unwrap();
@@ -37,14 +41,24 @@ async fn two_servers_restart_and_cleanup() {
     b.restart().await.unwrap();
     assert!(health(b.port()).await);
     // Same data dir, so the same server identity.
-    assert_eq!(std::fs::read(b.data_dir().join("immudb.identifier")).unwrap(), ident);
+    assert_eq!(
+        std::fs::read(b.data_dir().join("immudb.identifier")).unwrap(),
+        ident
+    );
 
     let (pid, port, dir) = (a.pid().unwrap(), a.port(), a.data_dir().to_path_buf());
     drop(a);
     assert!(!process_alive(pid), "immudb {pid} still running after drop");
     assert!(!health(port).await, "port {port} still answers after drop");
-    assert!(!dir.exists(), "temporary data dir {} left behind", dir.display());
-    assert!(health(b.port()).await, "dropping one server must not affect another");
+    assert!(
+        !dir.exists(),
+        "temporary data dir {} left behind",
+        dir.display()
+    );
+    assert!(
+        health(b.port()).await,
+        "dropping one server must not affect another"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -55,5 +69,8 @@ async fn startup_failure_reports_server_output() {
     };
     let err = LocalImmudb::start(opts).await.unwrap_err().to_string();
     assert!(err.contains("exited during startup"), "{err}");
-    assert!(err.contains("no-such-flag"), "server output missing from: {err}");
+    assert!(
+        err.contains("no-such-flag"),
+        "server output missing from: {err}"
+    );
 }
