@@ -120,12 +120,16 @@ pub fn immuclient(port: u16, home: &Path, args: &[&str]) -> Output {
         .expect("running immuclient")
 }
 
-/// All files of a directory (non-recursive) with their bytes, sorted by name.
+/// All files of a directory (non-recursive) with their bytes, sorted by name; empty `*.lock`
+/// files (created by merely taking the state lock) are left out.
 pub fn snapshot_dir(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut v: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.is_file())
+        .filter(|p| {
+            !(p.extension().is_some_and(|e| e == "lock") && p.metadata().unwrap().len() == 0)
+        })
         .map(|p| {
             let b = std::fs::read(&p).unwrap();
             (p, b)
