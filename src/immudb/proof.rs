@@ -53,6 +53,10 @@ pub enum VerifyError {
     EntryCount { tx: u64, expected: i64, got: usize },
     #[error("tx {tx}: entries hash to an eH different from the header's")]
     EntriesHashMismatch { tx: u64 },
+    #[error("no entry with stored key {key} in the transaction")]
+    EntryNotFound { key: String },
+    #[error("entry with stored key {key} differs from what was written")]
+    EntryMismatch { key: String },
     #[error("htree inclusion proof (leaf {leaf}, width {width}) does not verify")]
     HtreeInclusion { leaf: i32, width: i32 },
     #[error("AHT inclusion proof of leaf {i} in tree of size {j} does not verify")]
@@ -576,6 +580,34 @@ pub fn verify_tx_entries(
         return Err(VerifyError::EntriesHashMismatch { tx: header.id });
     }
     Ok(digests)
+}
+
+/// Finds the entry with `stored_key` among a transaction's raw entries (whose digests come from
+/// [`verify_tx_entries`]) and checks that it is exactly the expected key, metadata and value.
+/// Returns its index (its leaf position in the tx tree). Matching is by key, because the order of
+/// entries inside an ExecAll transaction is not guaranteed to be the request order.
+pub fn expect_entry(
+    version: i32,
+    entries: &[TxEntry],
+    digests: &[Digest],
+    stored_key: &[u8],
+    md: &KvMetadata,
+    stored_value: &[u8],
+) -> Result<usize, VerifyError> {
+    let idx = entries
+        .iter()
+        .position(|e| e.key == stored_key)
+        .ok_or_else(|| VerifyError::EntryNotFound {
+            key: hex::encode(stored_key),
+        })?;
+    let want = entry_spec_digest(version, stored_key, md, stored_value)?;
+    let len_ok = usize::try_from(entries[idx].v_len).ok() == Some(stored_value.len());
+    if digests.get(idx) != Some(&want) || !len_ok {
+        return Err(VerifyError::EntryMismatch {
+            key: hex::encode(stored_key),
+        });
+    }
+    Ok(idx)
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1350,6 +1382,54 @@ mod tests {
             verify_tx_entries(&h, &swapped),
             Err(VerifyError::EntriesHashMismatch { tx: 5 })
         );
+        assert_eq!(
+            expect_entry(
+                1,
+                &entries,
+                &digests,
+                &plain_key(b"k\x02"),
+                &KvMetadata::default(),
+                &plain_value(&[2])
+            ),
+            Ok(2)
+        );
+        assert!(matches!(
+            expect_entry(
+                1,
+                &entries,
+                &digests,
+                &plain_key(b"k\x02"),
+                &KvMetadata::default(),
+                &plain_value(&[3])
+            ),
+            Err(VerifyError::EntryMismatch { .. })
+        ));
+        let deleted = KvMetadata {
+            deleted: true,
+            ..KvMetadata::default()
+        };
+        assert!(matches!(
+            expect_entry(
+                1,
+                &entries,
+                &digests,
+                &plain_key(b"k\x02"),
+                &deleted,
+                &plain_value(&[2])
+            ),
+            Err(VerifyError::EntryMismatch { .. })
+        ));
+        assert!(matches!(
+            expect_entry(
+                1,
+                &entries,
+                &digests,
+                &plain_key(b"zz"),
+                &KvMetadata::default(),
+                &plain_value(&[2])
+            ),
+            Err(VerifyError::EntryNotFound { .. })
+        ));
         let mut neg = entries.clone();
         neg[2].v_len = -1;
         assert!(verify_tx_entries(&h, &neg).is_err());
