@@ -84,7 +84,8 @@ async fn rollback_of_the_server_data_is_detected() {
 
     // The rolled-back server writes a different history past our trusted tx: the proofs
     // cannot link it to our state.
-    let other = client(srv.port(), tempfile::tempdir().unwrap().path()).await;
+    let other_state = tempfile::tempdir().unwrap();
+    let other = client(srv.port(), other_state.path()).await;
     for i in 0..5 {
         other
             .set(&records("fork", i * 10, 10), SetMode::Upsert)
