@@ -514,6 +514,26 @@ fn run_signature_case(name: &str, v: &Value, tally: &mut Tally) {
     let sig = bytes(field(v, "signature_der"));
     verify_state_signature(&key, db, tx_id, &tx_hash, &sig)
         .unwrap_or_else(|e| panic!("{name}: {e}"));
+    // the same key as the PKIX PEM a user would configure
+    let pem = {
+        use p256::pkcs8::{EncodePublicKey, LineEnding};
+        key.to_public_key_pem(LineEnding::LF).unwrap()
+    };
+    let from_pem = parse_public_key_pem(&pem).unwrap();
+    verify_state_signature(&from_pem, db, tx_id, &tx_hash, &sig)
+        .unwrap_or_else(|e| panic!("{name} (PEM key): {e}"));
+    assert!(parse_public_key_pem(&pem.replace("PUBLIC KEY", "PRIVATE KEY")).is_err());
+    // a different key does not verify it
+    let other = parse_public_key_sec1(
+        &p256::ecdsa::VerifyingKey::from(&p256::ecdsa::SigningKey::from_slice(&[7u8; 32]).unwrap())
+            .to_encoded_point(false)
+            .to_bytes(),
+    )
+    .unwrap();
+    assert!(matches!(
+        verify_state_signature(&other, db, tx_id, &tx_hash, &sig),
+        Err(VerifyError::Signature { .. })
+    ));
     // every signed field matters
     assert!(verify_state_signature(&key, db, tx_id + 1, &tx_hash, &sig).is_err());
     assert!(verify_state_signature(&key, &format!("{db}x"), tx_id, &tx_hash, &sig).is_err());
