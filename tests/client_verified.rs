@@ -114,3 +114,35 @@ async fn child_continues_from_trusted_state() {
     assert_eq!(hdr.id, expect + 1);
     c.close().await;
 }
+
+/// The server drops sessions after 2 s here; the client opens a new one and retries, so callers
+/// never see "session not found".
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expired_session_is_reopened_transparently() {
+    let srv = server_with(bt2immu::immudb::server::LocalImmudbOptions {
+        extra_args: vec![
+            "--max-session-age-time=2s".into(),
+            "--sessions-guard-check-interval=500ms".into(),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let state = tempfile::tempdir().unwrap();
+    let c = client(srv.port(), state.path()).await;
+    c.verified_set(&records("s", 0, 3), SetMode::MustNotExist)
+        .await
+        .unwrap();
+    for round in 1..=2 {
+        tokio::time::sleep(std::time::Duration::from_millis(3500)).await;
+        let hdr = c
+            .verified_set(&records("s", round * 3, 3), SetMode::MustNotExist)
+            .await
+            .unwrap_or_else(|e| panic!("write after session expiry {round}: {e}"));
+        assert_eq!(hdr.id, round as u64 + 1);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(3500)).await;
+    assert_eq!(c.verified_get(b"s-000000").await.unwrap().tx, 1);
+    tokio::time::sleep(std::time::Duration::from_millis(3500)).await;
+    assert_eq!(c.scan_all(b"s-", 10).await.unwrap().len(), 9);
+    c.close().await;
+}

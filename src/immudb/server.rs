@@ -122,8 +122,19 @@ pub struct LocalImmudbOptions {
     pub bin_dir: Option<PathBuf>,
     /// How long to wait for the server to answer `Health`.
     pub startup_timeout: Duration,
+    /// Serve gRPC over TLS with this certificate and key (PEM); `ca` is what the readiness
+    /// probe trusts.
+    pub tls: Option<LocalTls>,
     /// Further command-line arguments, appended last.
     pub extra_args: Vec<String>,
+}
+
+/// Server-side TLS files for [`LocalImmudbOptions::tls`] (PEM).
+#[derive(Debug, Clone)]
+pub struct LocalTls {
+    pub certificate: PathBuf,
+    pub private_key: PathBuf,
+    pub ca: PathBuf,
 }
 
 impl Default for LocalImmudbOptions {
@@ -135,6 +146,7 @@ impl Default for LocalImmudbOptions {
             signing_key: None,
             bin_dir: None,
             startup_timeout: Duration::from_secs(30),
+            tls: None,
             extra_args: Vec::new(),
         }
     }
@@ -232,9 +244,10 @@ impl LocalImmudb {
         "127.0.0.1"
     }
 
-    /// The gRPC endpoint, `http://127.0.0.1:PORT`.
+    /// The gRPC endpoint, `http://127.0.0.1:PORT` (`https` with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.opts.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// The server's data dir (`--dir`).
@@ -295,6 +308,12 @@ impl LocalImmudb {
         if let Some(key) = &self.opts.signing_key {
             cmd.arg("--signingKey").arg(key);
         }
+        if let Some(tls) = &self.opts.tls {
+            cmd.arg("--certificate")
+                .arg(&tls.certificate)
+                .arg("--pkey")
+                .arg(&tls.private_key);
+        }
         cmd.args(&self.opts.extra_args)
             .env("HOME", &self.data_dir)
             .current_dir(&self.data_dir)
@@ -331,7 +350,7 @@ impl LocalImmudb {
                     });
                 }
             }
-            if health_ok(self.port).await {
+            if health_ok(self.port, self.opts.tls.as_ref()).await {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -357,11 +376,25 @@ impl Drop for LocalImmudb {
 }
 
 /// One unauthenticated `Health` call with a short timeout.
-async fn health_ok(port: u16) -> bool {
-    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+async fn health_ok(port: u16, tls: Option<&LocalTls>) -> bool {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let Ok(mut endpoint) =
+        tonic::transport::Endpoint::from_shared(format!("{scheme}://127.0.0.1:{port}"))
     else {
         return false;
     };
+    if let Some(tls) = tls {
+        let Ok(ca) = std::fs::read(&tls.ca) else {
+            return false;
+        };
+        let cfg = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+            .domain_name("127.0.0.1");
+        let Ok(e) = endpoint.tls_config(cfg) else {
+            return false;
+        };
+        endpoint = e;
+    }
     let endpoint = endpoint
         .connect_timeout(Duration::from_millis(500))
         .timeout(Duration::from_secs(2));
