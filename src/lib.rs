@@ -9,5 +9,6 @@ pub mod immudb;
 pub mod readline;
 pub mod record;
 pub mod script;
+pub mod sink;
 pub mod spool;
 pub mod supervisor;

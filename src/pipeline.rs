@@ -10,7 +10,7 @@ use serde_json::{json, Map, Value};
 use crate::decode::{Decoder, Event, Format};
 use crate::readline;
 use crate::record::{Process, Record, Shaper, TypedLine};
-use crate::script::{ScriptInfo, Split};
+use crate::script::{FieldValue, ScriptInfo, Split};
 use crate::spool::{Entry, Spool, SpoolError};
 use crate::supervisor::ChildMsg;
 
@@ -227,15 +227,24 @@ impl Pipeline {
                 }
             }
             Interpretation::Script(info) => match info.split_line(&line) {
-                Split::Fields { probe, fields } => {
+                Split::Fields { probe, fields, .. } => {
                     self.counts.events += 1;
                     let mut m = Map::new();
                     for (name, value) in fields {
-                        m.insert(name, value.to_json());
+                        match (value.to_json(), &value) {
+                            (Some(v), _) => {
+                                m.insert(name, v);
+                            }
+                            (None, FieldValue::Str(bytes)) => {
+                                crate::record::put_bytes(&mut m, &name, bytes)
+                            }
+                            (None, _) => {}
+                        }
                     }
                     out.push(self.shaper.fields(&probe, m, &line));
                 }
-                Split::Header => {}
+                // The header and banners are the script's own constant text, not events.
+                Split::Header { .. } | Split::Literal { .. } => {}
                 Split::Raw { reason } => {
                     self.counts.raw += 1;
                     out.push(self.shaper.raw(&line, &reason));

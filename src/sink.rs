@@ -137,7 +137,7 @@ async fn write_batch(
             Ok(tx) => {
                 stats.written += pending.len() as u64;
                 stats.transactions += 1;
-                stats.last_tx = tx;
+                stats.last_tx = tx.id;
                 return Ok(true);
             }
             Err(e) => e,
@@ -145,7 +145,7 @@ async fn write_batch(
         if err.is_tampering() {
             return Err(SinkError::Tampering(err));
         }
-        if err.is_precondition_failed() {
+        if matches!(err, ClientError::PreconditionFailed(_)) {
             // Some of these keys exist: keep only the ones that do not, after checking that
             // the ones that do hold exactly our bytes.
             let mut still = Vec::new();
@@ -157,7 +157,7 @@ async fn write_batch(
                             key: String::from_utf8_lossy(&e.key).into_owned(),
                         })
                     }
-                    Err(ge) if ge.is_key_not_found() => still.push(e),
+                    Err(ClientError::KeyNotFound) => still.push(e),
                     Err(ge) if ge.is_tampering() => return Err(SinkError::Tampering(ge)),
                     Err(ge) => {
                         tracing::warn!(error = %ge, "reading back an existing key failed; will retry");
