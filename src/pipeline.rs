@@ -269,7 +269,7 @@ impl Pipeline {
                     gid: Some(l.gid),
                     loginuid: Some(l.loginuid),
                     sessionid: Some(l.sessionid),
-                    tty: Some(String::from_utf8_lossy(&l.tty).into_owned()),
+                    tty: crate::record::tty_name(&l.tty),
                     comm: Some(String::from_utf8_lossy(&l.comm).into_owned()),
                     cgroup: Some(l.cgroup),
                 };

@@ -108,6 +108,21 @@ fn lookup_user(uid: u32) -> Option<String> {
     Some(name.to_string_lossy().into_owned())
 }
 
+/// The kernel names a pty `pts3`; people and `ps` know it as `pts/3`. Other names stay as
+/// they are; an empty name means no terminal.
+pub fn tty_name(kernel: &[u8]) -> Option<String> {
+    let s = String::from_utf8_lossy(kernel);
+    if s.is_empty() {
+        return None;
+    }
+    match s.strip_prefix("pts") {
+        Some(n) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
+            Some(format!("pts/{n}"))
+        }
+        _ => Some(s.into_owned()),
+    }
+}
+
 /// Which script produced the records.
 #[derive(Debug, Clone)]
 pub struct ScriptRef {
@@ -457,6 +472,14 @@ mod tests {
         let a = s.readline(&Process::default(), Some(1_000), &t);
         let b = s.readline(&Process::default(), Some(2_000), &t);
         assert!(a.key < b.key);
+    }
+
+    #[test]
+    fn tty_names_read_like_ps() {
+        assert_eq!(tty_name(b"pts12").as_deref(), Some("pts/12"));
+        assert_eq!(tty_name(b"tty1").as_deref(), Some("tty1"));
+        assert_eq!(tty_name(b"ptsx").as_deref(), Some("ptsx"));
+        assert_eq!(tty_name(b""), None);
     }
 
     #[test]
