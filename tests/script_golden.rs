@@ -39,11 +39,15 @@ fn pid_of(which: &str) -> u64 {
         .unwrap()
 }
 
-fn fields(s: Split) -> Vec<(String, FieldValue)> {
-    match s {
-        Split::Fields { fields, .. } => fields,
-        other => panic!("not split: {other:?}"),
-    }
+/// The fields of every data line of a capture.
+fn data_fields(info: &ScriptInfo, lines: &[Vec<u8>]) -> Vec<Vec<(String, FieldValue)>> {
+    lines
+        .iter()
+        .filter_map(|l| match info.split_line(l) {
+            Split::Fields { fields, .. } => Some(fields),
+            _ => None,
+        })
+        .collect()
 }
 
 fn get<'a>(f: &'a [(String, FieldValue)], name: &str) -> &'a FieldValue {
@@ -92,9 +96,8 @@ fn execsnoop_lines_split_with_header_names() {
     assert_all_split(&info, &lines);
 
     let pid = pid_of("exec");
-    let mine: Vec<_> = lines
-        .iter()
-        .map(|l| fields(info.split_line(l)))
+    let mine: Vec<_> = data_fields(&info, &lines)
+        .into_iter()
         .filter(|f| *get(f, "pid") == FieldValue::Int(pid as i64))
         .collect();
     // sh -c '…; exec /bin/echo …': two execs in the same process.
@@ -117,9 +120,8 @@ fn opensnoop_keeps_spaces_inside_comm_and_errors() {
     assert_all_split(&info, &lines);
 
     let pid = pid_of("open");
-    let mine: Vec<_> = lines
-        .iter()
-        .map(|l| fields(info.split_line(l)))
+    let mine: Vec<_> = data_fields(&info, &lines)
+        .into_iter()
         .filter(|f| *get(f, "pid") == FieldValue::Int(pid as i64))
         .collect();
     let names: Vec<_> = mine[0].iter().map(|(n, _)| n.as_str()).collect();
@@ -145,9 +147,8 @@ fn killsnoop_joins_time_and_printf() {
     let lines = output_lines("killsnoop");
     assert_all_split(&info, &lines);
     let pid = pid_of("kill");
-    let mine: Vec<_> = lines
-        .iter()
-        .map(|l| fields(info.split_line(l)))
+    let mine: Vec<_> = data_fields(&info, &lines)
+        .into_iter()
         .filter(|f| *get(f, "pid") == FieldValue::Int(pid as i64))
         .collect();
     let names: Vec<_> = mine[0].iter().map(|(n, _)| n.as_str()).collect();

@@ -87,6 +87,7 @@ pub enum FieldType {
     /// Unsigned integer (`%u`, `%lu`, `%llu`…): a JSON number, full u64 range.
     UInt,
     /// Bytes (`%s`, `%c`, `%x`, `%p`, `%r*`, floats, `join`, `time`): a string when valid UTF-8.
+    #[serde(rename = "string")]
     Str,
 }
 
@@ -504,7 +505,7 @@ struct RawSite {
     in_begin: bool,
     start: usize,
     pieces: Vec<Piece>,
-    calls: Vec<String>,
+    calls: Vec<(usize, String)>,
 }
 
 fn kind_for(spec: &str) -> Kind {
@@ -548,32 +549,43 @@ fn assemble(
 ) -> Vec<RawSite> {
     let mut sites = Vec::new();
     let mut cur: Option<RawSite> = None;
-    let new_site = |start: usize| RawSite {
-        probe: probe.to_string(),
-        in_begin,
-        start,
-        pieces: Vec::new(),
-        calls: Vec::new(),
-    };
-    // Appends literal bytes, closing a line at every newline.
-    fn push_lit(
-        cur: &mut Option<RawSite>,
-        sites: &mut Vec<RawSite>,
-        mk: &dyn Fn(usize) -> RawSite,
-        start: usize,
-        lit: &[u8],
-    ) {
-        let mut parts = lit.split(|&b| b == b'\n').peekable();
-        while let Some(part) = parts.next() {
-            let site = cur.get_or_insert_with(|| mk(start));
-            if !part.is_empty() {
-                site.pieces.push(Piece::Lit(part.to_vec()));
-            }
-            if parts.peek().is_some() {
-                sites.push(cur.take().expect("just inserted"));
-            }
+    // The line being assembled, created on first use and told which call contributes.
+    fn ensure<'c>(
+        cur: &'c mut Option<RawSite>,
+        probe: &str,
+        in_begin: bool,
+        call: (usize, &str),
+    ) -> &'c mut RawSite {
+        let site = cur.get_or_insert_with(|| RawSite {
+            probe: probe.to_string(),
+            in_begin,
+            start: call.0,
+            pieces: Vec::new(),
+            calls: Vec::new(),
+        });
+        if site.calls.last().is_none_or(|c| c.0 != call.0) {
+            site.calls.push((call.0, call.1.to_string()));
         }
+        site
     }
+    // Appends literal bytes, closing a line at every newline.
+    let push_lit =
+        |cur: &mut Option<RawSite>, sites: &mut Vec<RawSite>, call: (usize, &str), lit: &[u8]| {
+            let mut parts = lit.split(|&b| b == b'\n').peekable();
+            while let Some(part) = parts.next() {
+                let newline = parts.peek().is_some();
+                if part.is_empty() && !newline {
+                    continue;
+                }
+                let site = ensure(cur, probe, in_begin, call);
+                if !part.is_empty() {
+                    site.pieces.push(Piece::Lit(part.to_vec()));
+                }
+                if newline {
+                    sites.push(cur.take().expect("just ensured"));
+                }
+            }
+        };
     for call in find_calls(body) {
         let name = call.name.as_str();
         if !matches!(
@@ -611,14 +623,11 @@ fn assemble(
                     cur = None;
                     continue;
                 };
-                cur.get_or_insert_with(|| new_site(call.start))
-                    .calls
-                    .push(call_text);
                 let mut ai = 1;
                 for piece in parse_format(fmt) {
                     match piece {
                         FmtPiece::Lit(l) => {
-                            push_lit(&mut cur, &mut sites, &new_site, call.start, &l)
+                            push_lit(&mut cur, &mut sites, (call.start, &call_text), &l)
                         }
                         FmtPiece::Conv(c) => {
                             ai += usize::from(c.star_width) + usize::from(c.star_precision);
@@ -632,10 +641,10 @@ fn assemble(
                                 int_literal(arg).and_then(|v| render_int(&c, v))
                             };
                             if let Some(r) = rendered {
-                                push_lit(&mut cur, &mut sites, &new_site, call.start, &r);
+                                push_lit(&mut cur, &mut sites, (call.start, &call_text), &r);
                                 continue;
                             }
-                            let site = cur.get_or_insert_with(|| new_site(call.start));
+                            let site = ensure(&mut cur, probe, in_begin, (call.start, &call_text));
                             site.pieces.push(Piece::Field(Draft {
                                 expr_toks: arg.to_vec(),
                                 expr: text_of(src, arg),
@@ -665,8 +674,7 @@ fn assemble(
                     .rposition(|b| !b.is_ascii_whitespace())
                     .map_or(0, |p| p + 1);
                 let (core, tail) = fmt.split_at(core_len);
-                let site = cur.get_or_insert_with(|| new_site(call.start));
-                site.calls.push(call_text);
+                let site = ensure(&mut cur, probe, in_begin, (call.start, &call_text));
                 if !core.is_empty() {
                     site.pieces.push(Piece::Field(Draft {
                         expr_toks: Vec::new(),
@@ -683,12 +691,11 @@ fn assemble(
                         default_name: Some("time"),
                     }));
                 }
-                push_lit(&mut cur, &mut sites, &new_site, call.start, tail);
+                push_lit(&mut cur, &mut sites, (call.start, &call_text), tail);
             }
             "join" => {
                 let arg: &[Token] = call.args.first().map_or(&[], |a| a.as_slice());
-                let site = cur.get_or_insert_with(|| new_site(call.start));
-                site.calls.push(call_text);
+                let site = ensure(&mut cur, probe, in_begin, (call.start, &call_text));
                 site.pieces.push(Piece::Field(Draft {
                     expr_toks: arg.to_vec(),
                     expr: format!("join({})", text_of(src, arg)),
@@ -699,7 +706,7 @@ fn assemble(
                     precision: None,
                     default_name: Some("join"),
                 }));
-                push_lit(&mut cur, &mut sites, &new_site, call.start, b"\n");
+                push_lit(&mut cur, &mut sites, (call.start, &call_text), b"\n");
             }
             other => {
                 if let Some(partial) = cur.take() {
@@ -859,7 +866,7 @@ fn name_sites(raw: Vec<RawSite>, idx: &LineIndex) -> Vec<PrintSite> {
             let in_begin = r.in_begin;
             let probe = r.probe;
             let start = r.start;
-            let calls = r.calls;
+            let calls = r.calls.into_iter().map(|c| c.1).collect();
             let (segs, drafts) = merge_literals(r.pieces);
             let mut b = Built {
                 raw_probe: probe,
