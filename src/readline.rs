@@ -658,7 +658,7 @@ impl Assembler {
     pub fn flush_stale(&mut self, now: Instant) -> Vec<AssembledEvent> {
         let stale_after = self.opts.stale_after;
         let is_stale = |at: Instant| now.saturating_duration_since(at) >= stale_after;
-        self.flush(|at| is_stale(at))
+        self.flush(is_stale)
     }
 
     /// End of stream: everything still pending comes out, flagged.
@@ -668,9 +668,10 @@ impl Assembler {
 
     fn flush(&mut self, stale: impl Fn(Instant) -> bool) -> Vec<AssembledEvent> {
         let mut out = Vec::new();
-        self.complete_all(&mut out);
         for ((pid, tid), task) in self.tasks.iter_mut() {
-            while let Some(h) = task.heads.front() {
+            loop {
+                complete_task(*pid, *tid, task, &mut out);
+                let Some(h) = task.heads.front() else { break };
                 if !stale(h.at) {
                     break;
                 }
@@ -725,17 +726,34 @@ fn complete_task(pid: u64, tid: u64, task: &mut Task, out: &mut Vec<AssembledEve
     while let Some(head) = task.heads.front() {
         let near =
             |ptr: u64, nsecs: u64| ptr == head.ptr && nsecs.abs_diff(head.nsecs) <= MATCH_WINDOW_NS;
-        let Some(pi) = task.provs.iter().position(|p| near(p.ptr, p.nsecs)) else {
-            break;
-        };
+        // Each program's records of a task come in order, so a record of a *later* line
+        // from the same program means this line's record of that program was lost.
+        let later = |nsecs: u64| nsecs > head.nsecs.saturating_add(MATCH_WINDOW_NS);
+        let pi = task.provs.iter().position(|p| near(p.ptr, p.nsecs));
         let ti = if head.cut {
-            match task.tails.iter().position(|t| near(t.ptr, t.nsecs)) {
-                Some(i) => Some(i),
-                None => break,
-            }
+            task.tails.iter().position(|t| near(t.ptr, t.nsecs))
         } else {
             None
         };
+        let prov_lost = pi.is_none() && task.provs.iter().any(|p| later(p.nsecs));
+        let tail_lost = head.cut && ti.is_none() && task.tails.iter().any(|t| later(t.nsecs));
+        if prov_lost || tail_lost {
+            let head = task.heads.pop_front().expect("front exists");
+            let what = if prov_lost {
+                "provenance (P)"
+            } else {
+                "tail (F)"
+            };
+            out.push(malformed(
+                head.raws,
+                format!("pid {pid} tid {tid}: line's {what} record never arrived"),
+            ));
+            continue;
+        }
+        let Some(pi) = pi else { break };
+        if head.cut && ti.is_none() {
+            break;
+        }
         let head = task.heads.pop_front().expect("front exists");
         // Provenance and tails before the matched ones belong to lines whose heads were lost.
         for p in task.provs.drain(..pi) {
