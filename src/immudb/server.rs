@@ -246,7 +246,11 @@ impl LocalImmudb {
 
     /// The gRPC endpoint, `http://127.0.0.1:PORT` (`https` with TLS).
     pub fn endpoint(&self) -> String {
-        let scheme = if self.opts.tls.is_some() { "https" } else { "http" };
+        let scheme = if self.opts.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
