@@ -90,7 +90,10 @@ pub fn apply_config_file(path: Option<&Path>) -> Result<()> {
         let value = match v {
             toml::Value::String(s) => s,
             toml::Value::Integer(i) => i.to_string(),
-            other => bail!("{}: {k} must be a string or number, not {other}", path.display()),
+            other => bail!(
+                "{}: {k} must be a string or number, not {other}",
+                path.display()
+            ),
         };
         if std::env::var_os(env).is_none() {
             // SAFETY: called once at start-up, before any thread is spawned.
@@ -218,7 +221,10 @@ fn sha256_hex(bytes: &[u8]) -> String {
 /// would reuse sequence numbers.
 struct SpoolLock(#[allow(dead_code)] fs::File);
 
-fn open_spool(state_dir: &Path, source: &str) -> Result<(Arc<Mutex<Spool>>, crate::spool::Recovery, SpoolLock)> {
+fn open_spool(
+    state_dir: &Path,
+    source: &str,
+) -> Result<(Arc<Mutex<Spool>>, crate::spool::Recovery, SpoolLock)> {
     let root = state_dir.join("spool");
     ensure_private_dir(&root)?;
     let lock_path = root.join(format!("{source}.lock"));
@@ -344,9 +350,13 @@ fn checked_script(
     let (source, info) = match (path, program) {
         (Some(p), _) => {
             let src = fs::read_to_string(p).map_err(|e| {
-                exit(cli::EXIT_USAGE, format!("cannot read script {}: {e}", p.display()))
+                exit(
+                    cli::EXIT_USAGE,
+                    format!("cannot read script {}: {e}", p.display()),
+                )
             })?;
-            let info = script::check_script(p).map_err(|e| exit(cli::EXIT_REFUSED, format!("{e}")))?;
+            let info =
+                script::check_script(p).map_err(|e| exit(cli::EXIT_REFUSED, format!("{e}")))?;
             (src, info)
         }
         (None, Some(prog)) => {
@@ -371,7 +381,9 @@ fn source_default(path: Option<&Path>, readline_protocol: bool) -> String {
 
 pub async fn run(args: RunArgs) -> Result<i32> {
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("bt2immu: warning: not running as root; bpftrace needs root (sudo) to attach probes");
+        eprintln!(
+            "bt2immu: warning: not running as root; bpftrace needs root (sudo) to attach probes"
+        );
     }
     let (source_text, info) = checked_script(args.script.as_deref(), args.program.as_deref())?;
     let is_readline = readline::is_readline_script(&source_text);
@@ -392,8 +404,8 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         } else {
             args.shells.clone()
         };
-        let targets = readline::locate_targets(&shells)
-            .context("finding the readline functions to probe")?;
+        let targets =
+            readline::locate_targets(&shells).context("finding the readline functions to probe")?;
         if targets.is_empty() {
             bail!("no readline function found to probe in {shells:?} or the libreadline they load");
         }
@@ -496,6 +508,7 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut sink_task = Some(sink_task);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut stopping = false;
     let mut sink_failed: Option<anyhow::Error> = None;
     loop {
@@ -504,6 +517,7 @@ pub async fn run(args: RunArgs) -> Result<i32> {
                 Some(m) => pipeline.child(m)?,
                 None => break,
             },
+            _ = tick.tick() => pipeline.tick()?,
             _ = sigint.recv(), if !stopping => { stopping = true; eprintln!("bt2immu: stopping (SIGINT): flushing what was captured"); let _ = stop_tx.send(true); }
             _ = sigterm.recv(), if !stopping => { stopping = true; eprintln!("bt2immu: stopping (SIGTERM): flushing what was captured"); let _ = stop_tx.send(true); }
             res = async { sink_task.as_mut().expect("sink running").await }, if sink_task.is_some() => {
@@ -587,10 +601,15 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
 pub async fn ingest(args: IngestArgs) -> Result<i32> {
     let mut input = Vec::new();
     if args.input == Path::new("-") {
-        std::io::stdin().read_to_end(&mut input).context("reading stdin")?;
+        std::io::stdin()
+            .read_to_end(&mut input)
+            .context("reading stdin")?;
     } else {
         input = fs::read(&args.input).map_err(|e| {
-            exit(cli::EXIT_USAGE, format!("cannot read {}: {e}", args.input.display()))
+            exit(
+                cli::EXIT_USAGE,
+                format!("cannot read {}: {e}", args.input.display()),
+            )
         })?;
     }
     let format = match args.format {
@@ -601,7 +620,10 @@ pub async fn ingest(args: IngestArgs) -> Result<i32> {
     let (script_text, interp) = match &args.script {
         Some(p) => {
             let text = fs::read_to_string(p).map_err(|e| {
-                exit(cli::EXIT_USAGE, format!("cannot read script {}: {e}", p.display()))
+                exit(
+                    cli::EXIT_USAGE,
+                    format!("cannot read script {}: {e}", p.display()),
+                )
             })?;
             if readline::is_readline_script(&text) {
                 (
@@ -611,7 +633,7 @@ pub async fn ingest(args: IngestArgs) -> Result<i32> {
                     )),
                 )
             } else {
-                let info = script::analyze(&text).map_err(|e| exit(cli::EXIT_USAGE, format!("{e}")))?;
+                let info = script::analyze(text.as_bytes(), &p.display().to_string());
                 (Some(text), Interpretation::Script(Box::new(info)))
             }
         }
@@ -643,12 +665,25 @@ pub async fn ingest(args: IngestArgs) -> Result<i32> {
     let (drain_tx, drain_rx) = watch::channel(false);
     let (abandon_tx, abandon_rx) = watch::channel(false);
     let (progress_tx, _progress_rx) = watch::channel(SinkProgress::default());
-    let sink_task = spawn_sink(target.config.clone(), spool.clone(), drain_rx, abandon_rx, progress_tx);
+    let sink_task = spawn_sink(
+        target.config.clone(),
+        spool.clone(),
+        drain_rx,
+        abandon_rx,
+        progress_tx,
+    );
     for chunk in input.chunks(256 * 1024) {
         pipeline.feed(chunk)?;
     }
     pipeline.finish()?;
-    let stats = finish_sink(sink_task, drain_tx, abandon_tx, &spool, Duration::from_secs(30)).await?;
+    let stats = finish_sink(
+        sink_task,
+        drain_tx,
+        abandon_tx,
+        &spool,
+        Duration::from_secs(30),
+    )
+    .await?;
     eprintln!(
         "bt2immu: {} records from {} ({} raw, {} events lost); {} written and verified in {} \
          transactions",
@@ -661,31 +696,39 @@ pub async fn ingest(args: IngestArgs) -> Result<i32> {
     );
     let pending = spool.lock().expect("spool lock").pending();
     if pending > 0 {
-        return Err(exit(cli::EXIT_ERROR, format!("{pending} records not yet written to immudb")));
+        return Err(exit(
+            cli::EXIT_ERROR,
+            format!("{pending} records not yet written to immudb"),
+        ));
     }
     Ok(cli::EXIT_OK)
 }
 
 pub fn check(args: CheckArgs) -> Result<i32> {
-    match script::check_script(&args.script) {
-        Ok(info) => {
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&info.describe_json())?);
-            } else {
-                println!("{}: safe to run", args.script.display());
-                print!("{}", info.describe());
+    let info = script::inspect_script(&args.script, script::CheckOptions::default())
+        .map_err(|e| exit(cli::EXIT_USAGE, format!("{e}")))?;
+    let refusal = info.ensure_safe().err();
+    if args.json {
+        let mut v = info.describe_json();
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("safe".into(), json!(refusal.is_none()));
+            if let Some(r) = &refusal {
+                obj.insert("refused".into(), json!(r.to_string()));
             }
-            Ok(cli::EXIT_OK)
         }
-        Err(e) => {
-            if args.json {
-                println!("{}", json!({"script": args.script, "safe": false, "reason": e.to_string()}));
-            } else {
-                eprintln!("{}: REFUSED\n{e}", args.script.display());
-            }
-            Ok(cli::EXIT_REFUSED)
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print!("{}", info.describe());
+        match &refusal {
+            None => println!("\nverdict: safe to run with bt2immu"),
+            Some(r) => println!("\nverdict: REFUSED\n{r}"),
         }
     }
+    Ok(if refusal.is_some() {
+        cli::EXIT_REFUSED
+    } else {
+        cli::EXIT_OK
+    })
 }
 
 pub async fn query(args: QueryArgs) -> Result<i32> {
@@ -693,10 +736,11 @@ pub async fn query(args: QueryArgs) -> Result<i32> {
     let client = ImmuClient::connect(target.config.clone())
         .await
         .context("connecting to immudb")?;
-    let entries = client
-        .scan_all(args.prefix.as_bytes(), args.limit)
+    let mut entries = client
+        .scan_all(args.prefix.as_bytes(), 1000)
         .await
         .context("scanning")?;
+    entries.truncate(args.limit as usize);
     let mut rows = Vec::new();
     for e in entries {
         let value = if args.verify {
@@ -712,13 +756,23 @@ pub async fn query(args: QueryArgs) -> Result<i32> {
     match args.format {
         cli::QueryFormat::Jsonl => {
             for (key, tx, value) in &rows {
-                println!("{}", json!({"key": key, "tx": tx, "verified": args.verify, "value": value}));
+                println!(
+                    "{}",
+                    json!({"key": key, "tx": tx, "verified": args.verify, "value": value})
+                );
             }
         }
         cli::QueryFormat::Table => {
-            println!("{:<30} {:>7} {:>6} {:<8} {:<6} LINE", "TIME", "PID", "UID", "USER", "TTY");
+            println!(
+                "{:<30} {:>7} {:>6} {:<8} {:<6} LINE",
+                "TIME", "PID", "UID", "USER", "TTY"
+            );
             for (_, _, v) in &rows {
-                let g = |k: &str| v.get(k).map(|x| x.to_string().trim_matches('"').to_string()).unwrap_or_default();
+                let g = |k: &str| {
+                    v.get(k)
+                        .map(|x| x.to_string().trim_matches('"').to_string())
+                        .unwrap_or_default()
+                };
                 let line = v
                     .get("line")
                     .and_then(|l| l.as_str())
@@ -744,4 +798,3 @@ pub async fn query(args: QueryArgs) -> Result<i32> {
     );
     Ok(cli::EXIT_OK)
 }
-

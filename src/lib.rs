@@ -3,9 +3,11 @@
 //! The pipeline is `source → decode → shape → spool → sink → immudb`; each stage is a module
 //! with a narrow interface so it can be tested without root and without a server.
 
+pub mod app;
 pub mod cli;
 pub mod decode;
 pub mod immudb;
+pub mod pipeline;
 pub mod readline;
 pub mod record;
 pub mod script;

@@ -1,2 +1,84 @@
-//! (wired up once the readline module lands)
-fn main() {}
+//! The thin CLI: parse arguments, set up logging, hand over to `bt2immu::app`, map the result
+//! to the documented exit code.
+
+use clap::Parser;
+
+use bt2immu::app;
+use bt2immu::cli::{self, Cli, Command};
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "bt2immu=warn",
+        1 => "bt2immu=info",
+        _ => "bt2immu=debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn config_path_from_args(args: &[std::ffi::OsString]) -> Option<std::path::PathBuf> {
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let s = a.to_string_lossy();
+        if s == "--config" {
+            return it.next().map(Into::into);
+        }
+        if let Some(v) = s.strip_prefix("--config=") {
+            return Some(v.into());
+        }
+    }
+    std::env::var_os("BT2IMMU_CONFIG").map(Into::into)
+}
+
+fn main() {
+    let args = cli::normalize_args(std::env::args_os().collect());
+    if let Err(e) = app::apply_config_file(config_path_from_args(&args).as_deref()) {
+        eprintln!("bt2immu: {e:#}");
+        std::process::exit(cli::EXIT_USAGE);
+    }
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() {
+                cli::EXIT_USAGE
+            } else {
+                cli::EXIT_OK
+            };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
+    init_logging(cli.verbose);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("starting the async runtime");
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run(a) => app::run(a).await,
+            Command::Ingest(a) => app::ingest(a).await,
+            Command::Check(a) => app::check(a),
+            Command::Query(a) => app::query(a).await,
+        }
+    });
+    let code = match result {
+        Ok(code) => code,
+        Err(e) => {
+            let code = app::exit_code(&e);
+            if code == cli::EXIT_VERIFICATION {
+                eprintln!(
+                    "bt2immu: *** VERIFICATION FAILED (possible tampering) ***\nbt2immu: {e:#}"
+                );
+            } else {
+                eprintln!("bt2immu: {e:#}");
+            }
+            code
+        }
+    };
+    drop(runtime);
+    std::process::exit(code);
+}

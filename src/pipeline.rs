@@ -128,6 +128,18 @@ impl Pipeline {
         }
     }
 
+    /// Called about once a second: typed lines whose pieces stopped arriving long ago are
+    /// recorded as malformed instead of waiting forever.
+    pub fn tick(&mut self) -> Result<(), SpoolError> {
+        let mut out = Vec::new();
+        if let Interpretation::Readline(asm) = &mut self.interp {
+            for a in asm.flush_stale(std::time::Instant::now()) {
+                self.readline_event(a, &mut out);
+            }
+        }
+        self.commit(out)
+    }
+
     /// End of input: flush partial lines and incomplete typed lines.
     pub fn finish(&mut self) -> Result<(), SpoolError> {
         let mut out = Vec::new();
@@ -221,9 +233,20 @@ impl Pipeline {
     fn output_line(&mut self, line: Vec<u8>, out: &mut Vec<Record>) {
         match &mut self.interp {
             Interpretation::Readline(asm) => {
+                let was_ready = asm.announced().is_some();
                 let assembled = asm.push(&line);
+                let ready = (!was_ready).then(|| asm.announced()).flatten();
                 for a in assembled {
                     self.readline_event(a, out);
+                }
+                if let Some(a) = ready {
+                    // The script's BEGIN runs after every probe is attached: from here on,
+                    // every line typed is captured.
+                    let mut d = Map::new();
+                    d.insert("chunk_bytes".into(), json!(a.stride));
+                    d.insert("head_bytes".into(), json!(a.stride * a.head_chunks));
+                    d.insert("scan_bytes".into(), json!(a.stride * a.scan_chunks));
+                    out.push(self.shaper.agent("capture_ready", d));
                 }
             }
             Interpretation::Script(info) => match info.split_line(&line) {
@@ -276,6 +299,13 @@ impl Pipeline {
                 let mut extra = Map::new();
                 if l.len_is_lower_bound {
                     extra.insert("len_at_least".into(), json!(true));
+                }
+                if let Some(off) = l.tail_offset {
+                    extra.insert("tail_offset".into(), json!(off));
+                }
+                if l.eof {
+                    // Ctrl-D at an empty prompt: the shell got end-of-file, not a line.
+                    extra.insert("eof".into(), json!(true));
                 }
                 let typed = TypedLine {
                     probe: &l.probe,

@@ -87,10 +87,7 @@ pub enum StateError {
     LockTask(String),
 }
 
-fn io_err<'a>(
-    op: &'static str,
-    path: &'a Path,
-) -> impl FnOnce(std::io::Error) -> StateError + 'a {
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StateError + 'a {
     move |source| StateError::Io {
         op,
         path: path.to_path_buf(),
