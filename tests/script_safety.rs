@@ -45,6 +45,7 @@ fn unsafe_builtins_are_found_with_positions() {
 fn look_alikes_are_not_unsafe() {
     let src = r#"
 // system("in a comment")
+struct sig_info { int signal; int override; };
 /* signal(9) */
 tracepoint:syscalls:sys_enter_kill {
     printf("system(%d) signal\n", curtask->signal->nr_threads);

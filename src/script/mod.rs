@@ -774,9 +774,8 @@ pub fn analyze(source: &[u8], origin: &str) -> ScriptInfo {
             })
             .collect(),
     };
-    // Safety: bare names in #define lines count; C type definitions are skipped by the scan of
-    // names only where they are members (`->`/`.`), so `struct s { int signal; }` is flagged,
-    // which errs on the side of refusing.
+    // Safety: a bare unsafe name in a `#define` counts (the macro could expand to a call);
+    // members (`curtask->signal`) and C type definitions do not.
     scan_unsafe(&parsed.other_tokens, &idx, &mut info.unsafe_uses);
     let mut raw_sites = Vec::new();
     for item in &parsed.items {

@@ -37,8 +37,8 @@ pub(crate) struct Parsed {
     pub items: Vec<Item>,
     /// `#include` targets as written (`<linux/sched.h>` or `"local.h"`) with their offset.
     pub includes: Vec<(String, usize)>,
-    /// Tokens of `#define` lines and of any other region that is not a probe (type definitions,
-    /// `config`, `let`, `import`): scanned for unsafe names only.
+    /// Tokens of `#define` lines and of any other region that is not a probe or a C type
+    /// definition (`config`, `let`, `import`, unparsed text): scanned for unsafe names only.
     pub other_tokens: Vec<Token>,
     /// Things the parser could not place, with their offset.
     pub notes: Vec<(usize, String)>,
@@ -178,7 +178,9 @@ pub(crate) fn parse(src: &[u8]) -> Parsed {
             let after = skip_trivia(src, j);
             match word {
                 b"struct" | b"union" | b"enum" | b"typedef" => {
-                    i = until_semicolon(src, i, &mut p.other_tokens);
+                    // C type definitions cannot call anything: a member named `signal` is
+                    // not a use of the builtin, so these tokens are not kept for the scan.
+                    i = until_semicolon(src, i, &mut Vec::new());
                     continue;
                 }
                 b"config" if src.get(after) == Some(&b'=') => {
