@@ -25,6 +25,11 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   apt-get install -y -qq "${need_pkgs[@]}" >&2
 fi
 
+# bpftrace needs tracefs for tracepoints; not every host mounts it.
+if [ "$(id -u)" -eq 0 ] && [ ! -e /sys/kernel/tracing/events ]; then
+  mount -t tracefs tracefs /sys/kernel/tracing && echo "setup: mounted tracefs at /sys/kernel/tracing" >&2
+fi
+
 bin=$(scripts/install-immudb.sh)
 echo "setup: immudb binaries in $bin" >&2
 

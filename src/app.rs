@@ -343,29 +343,28 @@ fn progress_logger(mut rx: watch::Receiver<SinkProgress>) -> tokio::task::JoinHa
 }
 
 /// Fails with exit code 4 when the script is unsafe.
+/// Reads and checks the script once; what runs is exactly the bytes that were checked (a
+/// private copy), so the file cannot be swapped between the check and the run. Unsafe ⇒ exit 4.
 fn checked_script(
     path: Option<&Path>,
     program: Option<&str>,
 ) -> Result<(String, script::ScriptInfo)> {
-    let (source, info) = match (path, program) {
-        (Some(p), _) => {
-            let src = fs::read_to_string(p).map_err(|e| {
-                exit(
-                    cli::EXIT_USAGE,
-                    format!("cannot read script {}: {e}", p.display()),
-                )
-            })?;
-            let info =
-                script::check_script(p).map_err(|e| exit(cli::EXIT_REFUSED, format!("{e}")))?;
-            (src, info)
-        }
+    let info = match (path, program) {
+        (Some(p), _) => script::check_script(p).map_err(|e| match e {
+            script::ScriptError::Read { .. } => exit(cli::EXIT_USAGE, format!("{e}")),
+            other => exit(cli::EXIT_REFUSED, format!("{other}")),
+        })?,
         (None, Some(prog)) => {
-            let info =
-                script::check_program(prog).map_err(|e| exit(cli::EXIT_REFUSED, format!("{e}")))?;
-            (prog.to_string(), info)
+            script::check_program(prog).map_err(|e| exit(cli::EXIT_REFUSED, format!("{e}")))?
         }
         (None, None) => return Err(exit(cli::EXIT_USAGE, "give a script file or -e PROGRAM")),
     };
+    let source = String::from_utf8(info.source.clone()).map_err(|_| {
+        exit(
+            cli::EXIT_USAGE,
+            format!("{}: the script is not valid UTF-8", info.origin),
+        )
+    })?;
     Ok((source, info))
 }
 
@@ -376,6 +375,35 @@ fn source_default(path: Option<&Path>, readline_protocol: bool) -> String {
     match path {
         Some(p) => record::source_for_script(p),
         None => "bpftrace".into(),
+    }
+}
+
+/// bpftrace needs tracefs for tracepoints (and to detach uprobes cleanly); many hosts do not
+/// mount it by default. As root, mount it where the kernel expects it.
+fn ensure_tracefs() {
+    let dir = Path::new("/sys/kernel/tracing");
+    if dir.join("events").exists() || unsafe { libc::geteuid() } != 0 {
+        return;
+    }
+    let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
+    let (src, target, fstype) = (c("tracefs"), c("/sys/kernel/tracing"), c("tracefs"));
+    // SAFETY: mount(2) with NUL-terminated strings that outlive the call and no data.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        eprintln!("bt2immu: mounted tracefs at /sys/kernel/tracing (bpftrace needs it)");
+    } else {
+        tracing::warn!(
+            error = %std::io::Error::last_os_error(),
+            "tracefs is not mounted and mounting it failed; tracepoint probes will not attach"
+        );
     }
 }
 
@@ -394,6 +422,7 @@ pub async fn run(args: RunArgs) -> Result<i32> {
             .unwrap_or_else(|| source_default(args.script.as_deref(), is_readline)),
     );
     ensure_private_dir(&args.conn.state_dir)?;
+    ensure_tracefs();
     let run_dir = args.conn.state_dir.join("run");
     ensure_private_dir(&run_dir)?;
 
@@ -427,14 +456,8 @@ pub async fn run(args: RunArgs) -> Result<i32> {
             readline::bpftrace_env(&opts),
         )
     } else {
-        let file = match &args.script {
-            Some(p) => p.clone(),
-            None => {
-                let f = run_dir.join(format!("{source}-inline.bt"));
-                write_private(&f, source_text.as_bytes())?;
-                f
-            }
-        };
+        let file = run_dir.join(format!("{source}.bt"));
+        write_private(&file, source_text.as_bytes())?;
         let format = match args.bpftrace_format {
             OutputFormat::Json => Format::Json,
             _ => Format::Text,
@@ -488,6 +511,17 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     if format == Format::Json {
         bt_args.push("-f".into());
         bt_args.push("json".into());
+    }
+    // Local `#include "x.h"` of the original script still resolve from its directory (their
+    // permissions were checked with the script).
+    if let Some(dir) = args.script.as_deref().and_then(Path::parent) {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        bt_args.push("-I".into());
+        bt_args.push(dir.into());
     }
     bt_args.push(program_file.clone().into());
     let cmd = BpftraceCommand::new(args.bpftrace.clone(), bt_args, env)?;
