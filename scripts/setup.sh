@@ -13,7 +13,10 @@ need_pkgs=()
 command -v bpftrace >/dev/null || need_pkgs+=(bpftrace)
 command -v tmux >/dev/null || need_pkgs+=(tmux)
 command -v openssl >/dev/null || need_pkgs+=(openssl)
-[ -e /usr/lib/x86_64-linux-gnu/libreadline.so.8 ] || [ -e /lib/x86_64-linux-gnu/libreadline.so.8 ] || need_pkgs+=(libreadline8)
+command -v cc >/dev/null || need_pkgs+=(gcc)
+# libreadline: the tests build a small program that links it dynamically, to check that
+# bt2immu finds readline in a shared library as on distributions whose bash links it.
+[ -e /usr/include/readline/readline.h ] || need_pkgs+=(libreadline-dev)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "setup: need root to install ${need_pkgs[*]} (run: sudo $0)" >&2

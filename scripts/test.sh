@@ -7,6 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --no-build
 export PATH="$HOME/.cargo/bin:$PATH"
+cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
 BT2IMMU_IMMUDB_BIN="$(scripts/install-immudb.sh)"
 export BT2IMMU_IMMUDB_BIN
 export BT2IMMU_REQUIRE_ROOT_TESTS=1
