@@ -1,0 +1,105 @@
+//! bt2immu's pipeline vs the recipe it replaces, side by side in one run, against the same
+//! local immudb.
+//!
+//! - **bt2immu**: `bt2immu ingest` of real bashreadline output (the capture in
+//!   `tests/fixtures/readline/session1.jsonl`, repeated): decode, reassemble, shape, spool
+//!   (fsync), verified batched writes with every proof checked.
+//! - **old recipe**: what bpftrace's `system("immuclient set ...")` did — one `immuclient`
+//!   process per typed line, an unverified `set`, nothing spooled.
+//!
+//! Prints typed lines per second for both (median of runs) and the ratio.
+//! `cargo bench --bench vs_old_recipe` (needs immudb: scripts/install-immudb.sh).
+
+use std::process::Command;
+use std::time::Instant;
+
+use bt2immu::immudb::server::{immudb_binary, LocalImmudb, LocalImmudbOptions};
+
+const PASSWORD: &str = "Bench-Pw-1!";
+const REPEAT: usize = 150;
+const OLD_RECIPE_LINES: usize = 150;
+const RUNS: usize = 3;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn main() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = rt
+        .block_on(LocalImmudb::start(LocalImmudbOptions {
+            admin_password: Some(PASSWORD.into()),
+            ..Default::default()
+        }))
+        .expect("starting immudb (scripts/install-immudb.sh)");
+    let work = tempfile::tempdir().unwrap();
+    let pw = work.path().join("pw");
+    std::fs::write(&pw, PASSWORD).unwrap();
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let capture = std::fs::read(root.join("tests/fixtures/readline/session1.jsonl")).unwrap();
+    let typed_per_capture =
+        std::fs::read_to_string(root.join("tests/fixtures/readline/session1.expected"))
+            .unwrap()
+            .lines()
+            .count();
+    let input = work.path().join("input.jsonl");
+    std::fs::write(&input, capture.repeat(REPEAT)).unwrap();
+    let typed = typed_per_capture * REPEAT;
+
+    let mut ours = Vec::new();
+    let mut old = Vec::new();
+    for run in 0..RUNS {
+        let t0 = Instant::now();
+        let out = Command::new(env!("CARGO_BIN_EXE_bt2immu"))
+            .args(["ingest", "--script"])
+            .arg(root.join("scripts/bashreadline.bt"))
+            .arg(&input)
+            .args(["--immudb-address", "127.0.0.1", "--immudb-port"])
+            .arg(server.port().to_string())
+            .arg("--password-file")
+            .arg(&pw)
+            .arg("--state-dir")
+            // One state dir for all runs: the agent's sequence goes on, so every run writes
+            // new keys (the same capture in a fresh state dir would be a replay).
+            .arg(work.path().join("state"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ingest: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ours.push(typed as f64 / t0.elapsed().as_secs_f64());
+
+        let immuclient = immudb_binary("immuclient").unwrap();
+        let home = work.path().join(format!("home-{run}"));
+        std::fs::create_dir_all(&home).unwrap();
+        let t0 = Instant::now();
+        for i in 0..OLD_RECIPE_LINES {
+            let st = Command::new(&immuclient)
+                .current_dir(&home)
+                .env("HOME", &home)
+                .args(["--immudb-address", "127.0.0.1", "--immudb-port"])
+                .arg(server.port().to_string())
+                .args(["--username", "immudb", "--password", PASSWORD])
+                .args(["set", &format!("old:{run}:{i}"), "echo typed line"])
+                .output()
+                .unwrap();
+            assert!(
+                st.status.success(),
+                "immuclient set: {}{}",
+                String::from_utf8_lossy(&st.stdout),
+                String::from_utf8_lossy(&st.stderr)
+            );
+        }
+        old.push(OLD_RECIPE_LINES as f64 / t0.elapsed().as_secs_f64());
+    }
+    let (o, p) = (median(ours), median(old));
+    println!("typed lines/s, median of {RUNS} runs, immudb v1.11.1 on 127.0.0.1");
+    println!("  bt2immu ingest (verified, spooled):      {o:>10.0}  ({typed} lines per run)");
+    println!(
+        "  immuclient set per line (old recipe):    {p:>10.0}  ({OLD_RECIPE_LINES} lines per run)"
+    );
+    println!("  ratio bt2immu / old recipe:              {:>10.1}", o / p);
+}
