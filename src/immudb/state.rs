@@ -19,12 +19,14 @@
 //! # Why two slots, written in place
 //!
 //! The state is saved after every verified call, so its cost is paid per call. Replacing the
-//! file (temp file, fsync, rename, fsync of the directory) costs two journal commits each time.
-//! Instead the file has a fixed size and holds two *slots*, at offset 0 and at the next 4096-byte
-//! boundary after the slot length; each slot is one 512-byte sector holding a generation
-//! counter, the state and a SHA-256 over the whole slot (its zero padding included). A save
-//! overwrites the slot with the *older* generation and calls `fdatasync`: the file's size and
-//! blocks never change, so that is one data write and a cache flush, without a journal commit.
+//! file (temp file, fsync, rename, fsync of the directory) costs file system journal commits
+//! each time. Instead the file has a fixed size and holds two *slots*, at offset 0 and at the
+//! next 4096-byte boundary after the slot length; each slot is one 512-byte sector holding a
+//! generation counter, the state and a SHA-256 over the whole slot (its zero padding included).
+//! A save overwrites the slot with the *older* generation and calls `fdatasync`: the file's size
+//! and blocks never change, so that is one data write and a cache flush, without a journal
+//! commit. (The file is created by writing every byte, not by `fallocate` or a sparse
+//! `set_len`, so no later write has to allocate a block or convert an unwritten extent.)
 //!
 //! A slot is one aligned sector and devices write a sector atomically, so a crash leaves either
 //! the old or the new content in the slot being written, and the other slot is never touched by
@@ -704,8 +706,7 @@ impl StateGuard {
     }
 
     /// Opens the state file for an in-place save without following a symlink: `Ok(None)` if
-    /// there is no file, `Ok(Some((None, stored)))` for a symlink (read through it; the save then
-    /// replaces the link, as a rename always did).
+    /// there is no file, `Ok(Some((None, stored)))` if it cannot be written in place.
     #[allow(clippy::type_complexity)]
     fn open_for_save(&self) -> Result<Option<(Option<File>, Stored)>, StateError> {
         let opened = OpenOptions::new()
@@ -719,7 +720,12 @@ impl StateGuard {
                 Ok(Some((Some(f), stored)))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            // A symlink, or a file we may not write (say, made read-only by hand): read it as
+            // load() does; the save then replaces it, as a rename always did.
+            Err(e)
+                if e.raw_os_error() == Some(libc::ELOOP)
+                    || e.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
                 Ok(self.load_stored()?.map(|stored| (None, stored)))
             }
             Err(e) => Err(io_err("opening", &self.path)(e)),
@@ -1154,11 +1160,13 @@ mod tests {
         let g = store.lock(UUID, "defaultdb").unwrap();
         g.save(&state(1, false)).unwrap();
 
-        // a loosened mode is put right
-        fs::set_permissions(g.path(), fs::Permissions::from_mode(0o644)).unwrap();
-        g.save(&state(2, false)).unwrap();
-        assert_eq!(mode(g.path()), 0o600);
-        assert_eq!(g.load().unwrap(), Some(state(2, false)));
+        // a mode changed by hand (loosened, or read-only) is put right
+        for (tx, changed) in [(2, 0o644), (2, 0o400)] {
+            fs::set_permissions(g.path(), fs::Permissions::from_mode(changed)).unwrap();
+            g.save(&state(tx, false)).unwrap();
+            assert_eq!(mode(g.path()), 0o600, "{changed:o}");
+            assert_eq!(g.load().unwrap(), Some(state(tx, false)));
+        }
 
         // a hard link elsewhere keeps the old content
         let link = tmp.path().join("hardlink");
