@@ -263,6 +263,13 @@ fn spawn_sink(
             match ImmuClient::connect(config.clone()).await {
                 Ok(c) => break c,
                 Err(e) if e.is_tampering() => return Err(anyhow::Error::new(e)),
+                // Retrying cannot fix a bad key file or wrong credentials: say so now.
+                Err(e) if sink::is_permanent(&e) => {
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "cannot use immudb at {}:{} (records are kept in the spool)",
+                        config.address, config.port
+                    )))
+                }
                 Err(e) => {
                     let msg = format!("{e:#}");
                     tracing::warn!(error = %msg, "cannot reach immudb; records stay in the spool, retrying");
@@ -765,34 +772,113 @@ pub fn check(args: CheckArgs) -> Result<i32> {
     })
 }
 
+/// Scans every key under `prefix` (up to `limit`), in pages that shrink when a page of large
+/// records would exceed the gRPC message limit.
+async fn scan_adaptive(
+    client: &ImmuClient,
+    prefix: &[u8],
+    limit: u64,
+) -> Result<Vec<crate::immudb::client::UnverifiedEntry>> {
+    let mut out = Vec::new();
+    let mut seek = Vec::new();
+    let mut page = 500u64;
+    while (out.len() as u64) < limit {
+        let want = page.min(limit - out.len() as u64);
+        match client.scan(prefix, &seek, want, false).await {
+            Ok(entries) => {
+                let n = entries.len() as u64;
+                if let Some(last) = entries.last() {
+                    seek = last.key.clone();
+                }
+                out.extend(entries);
+                if n < want {
+                    break;
+                }
+            }
+            Err(e) if page > 1 && e.to_string().contains("message length too large") => {
+                page = (page / 4).max(1);
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context("scanning")),
+        }
+    }
+    Ok(out)
+}
+
 pub async fn query(args: QueryArgs) -> Result<i32> {
     let target = resolve_target(&args.conn, false).await?;
     let client = ImmuClient::connect(target.config.clone())
         .await
         .context("connecting to immudb")?;
-    let mut entries = client
-        .scan_all(args.prefix.as_bytes(), 1000)
-        .await
-        .context("scanning")?;
-    entries.truncate(args.limit as usize);
+    let entries = scan_adaptive(&client, args.prefix.as_bytes(), args.limit).await?;
     let mut rows = Vec::new();
+    // Every record is written once, under a key that must not exist, so a second revision
+    // means someone wrote over it; and an agent numbers its records 1, 2, 3, … per source,
+    // so a missing number means a record vanished (e.g. immudb's logical delete).
+    let mut problems: Vec<String> = Vec::new();
+    let mut seqs: std::collections::BTreeMap<(String, String), Vec<u64>> = Default::default();
     for e in entries {
+        let key = String::from_utf8_lossy(&e.key).into_owned();
+        let mut tampered = false;
         let value = if args.verify {
-            let v = client.verified_get(&e.key).await?;
-            v.value
+            let history = client
+                .history(&e.key)
+                .await
+                .with_context(|| format!("reading the history of {key}"))?;
+            if history.len() > 1 {
+                tampered = true;
+                problems.push(format!(
+                    "{key}: written {} times, but bt2immu writes each record once: it was                      overwritten after it was recorded (showing the first, original revision)",
+                    history.len()
+                ));
+                client.verified_get_at(&e.key, history[0].tx).await?.value
+            } else {
+                client.verified_get(&e.key).await?.value
+            }
         } else {
             e.value
         };
         let parsed: serde_json::Value = serde_json::from_slice(&value)
             .unwrap_or_else(|_| json!({"raw": record::readable(&value)}));
-        rows.push((String::from_utf8_lossy(&e.key).into_owned(), e.tx, parsed));
+        if let (Some(host), Some(source), Some(seq)) = (
+            parsed.get("host").and_then(|v| v.as_str()),
+            parsed.get("source").and_then(|v| v.as_str()),
+            parsed.get("seq").and_then(|v| v.as_u64()),
+        ) {
+            seqs.entry((host.to_string(), source.to_string()))
+                .or_default()
+                .push(seq);
+        }
+        rows.push((key, e.tx, parsed, tampered));
+    }
+    // Gaps can only be judged over everything an agent wrote: the whole trail, one source, or
+    // one source on one host — not a narrower (e.g. time) prefix, nor a page cut by --limit.
+    let whole_sources = args.prefix.is_empty()
+        || (args.prefix.ends_with(':') && args.prefix.matches(':').count() <= 2);
+    let complete = (rows.len() as u64) < args.limit;
+    if args.verify && complete && whole_sources {
+        for ((host, source), mut v) in seqs {
+            v.sort_unstable();
+            v.dedup();
+            let mut expect = 1u64;
+            for s in v {
+                if s > expect {
+                    problems.push(format!(
+                        "{source} on {host}: record(s) {expect}..={} are missing (deleted, or \
+                         never written)",
+                        s - 1
+                    ));
+                }
+                expect = s + 1;
+            }
+        }
     }
     match args.format {
         cli::QueryFormat::Jsonl => {
-            for (key, tx, value) in &rows {
+            for (key, tx, value, tampered) in &rows {
                 println!(
                     "{}",
-                    json!({"key": key, "tx": tx, "verified": args.verify, "value": value})
+                    json!({"key": key, "tx": tx, "verified": args.verify && !tampered,
+                           "tampered": tampered, "value": value})
                 );
             }
         }
@@ -801,7 +887,7 @@ pub async fn query(args: QueryArgs) -> Result<i32> {
                 "{:<30} {:>7} {:>6} {:<8} {:<6} LINE",
                 "TIME", "PID", "UID", "USER", "TTY"
             );
-            for (_, _, v) in &rows {
+            for (_, _, v, _) in &rows {
                 let g = |k: &str| {
                     v.get(k)
                         .map(|x| x.to_string().trim_matches('"').to_string())
@@ -830,5 +916,14 @@ pub async fn query(args: QueryArgs) -> Result<i32> {
         rows.len(),
         if args.verify { ", each verified" } else { "" }
     );
+    if !problems.is_empty() {
+        return Err(exit(
+            cli::EXIT_VERIFICATION,
+            format!(
+                "VERIFICATION FAILED — the trail was altered:\n  {}",
+                problems.join("\n  ")
+            ),
+        ));
+    }
     Ok(cli::EXIT_OK)
 }

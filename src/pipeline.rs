@@ -123,6 +123,11 @@ impl Pipeline {
                 };
                 out.push(self.shaper.agent(event, d));
                 self.decoder = Decoder::new(self.format);
+                if let Interpretation::Readline(asm) = &mut self.interp {
+                    // The next bpftrace announces itself again: a fresh assembler makes that
+                    // `capture_ready` show when capture resumed.
+                    *asm = readline::Assembler::new(asm.options().clone());
+                }
                 self.commit(out)
             }
         }
@@ -177,7 +182,7 @@ impl Pipeline {
     }
 
     fn lost(&mut self, n: u64, out: &mut Vec<Record>) {
-        self.counts.lost_events += n;
+        self.counts.lost_events = self.counts.lost_events.saturating_add(n);
         let mut d = Map::new();
         d.insert(
             "detail".into(),
@@ -231,6 +236,13 @@ impl Pipeline {
     }
 
     fn output_line(&mut self, line: Vec<u8>, out: &mut Vec<Record>) {
+        if line.len() > crate::record::MAX_FIELD_BYTES {
+            // Too big to be split into fields as well: keep it whole (cut, with its length and
+            // tail) and flagged.
+            self.counts.raw += 1;
+            out.push(self.shaper.raw(&line, "line too long to split into fields"));
+            return;
+        }
         match &mut self.interp {
             Interpretation::Readline(asm) => {
                 let was_ready = asm.announced().is_some();

@@ -555,6 +555,10 @@ impl Assembler {
         }
     }
 
+    pub fn options(&self) -> &ReadlineOptions {
+        &self.opts
+    }
+
     /// What the script announced when it was attached (`None` before its `B` record).
     pub fn announced(&self) -> Option<Announced> {
         self.announced

@@ -183,9 +183,31 @@ pub struct Shaper {
     next_seq: u64,
 }
 
+/// The most bytes of one field kept in a record. Escaping can grow bytes sixfold in JSON
+/// (`\u0001`), and a record must stay far below immudb's 32 MiB message limit, so a longer
+/// field is stored cut: its head, its last [`TAIL_BYTES`] (`<name>_tail`), its real length
+/// (`<name>_len`) and `<name>_cut: true`. Nothing is silently dropped.
+pub const MAX_FIELD_BYTES: usize = 256 * 1024;
+/// How much of the end of a cut field is kept.
+pub const TAIL_BYTES: usize = 4096;
+
 /// Puts bytes into a record: a string when they are UTF-8, otherwise a readable form (invalid
-/// bytes as `\xNN`) plus `<name>_b64` with the exact bytes.
+/// bytes as `\xNN`) plus `<name>_b64` with the exact bytes. Over [`MAX_FIELD_BYTES`] the field
+/// is cut (see there).
 pub fn put_bytes(map: &mut Map<String, Value>, name: &str, bytes: &[u8]) {
+    if bytes.len() > MAX_FIELD_BYTES {
+        let head = &bytes[..MAX_FIELD_BYTES - TAIL_BYTES];
+        let tail = &bytes[bytes.len() - TAIL_BYTES..];
+        put_exact(map, name, head);
+        put_exact(map, &format!("{name}_tail"), tail);
+        map.insert(format!("{name}_len"), json!(bytes.len()));
+        map.insert(format!("{name}_cut"), json!(true));
+    } else {
+        put_exact(map, name, bytes);
+    }
+}
+
+fn put_exact(map: &mut Map<String, Value>, name: &str, bytes: &[u8]) {
     match std::str::from_utf8(bytes) {
         Ok(s) => {
             map.insert(name.into(), Value::String(s.into()));
@@ -463,6 +485,23 @@ mod tests {
         assert_eq!(ts.len(), "2026-12-03T16:29:26.123456789Z".len());
         let next = s.raw(b"x", "test");
         assert_eq!(next.seq, 8);
+    }
+
+    #[test]
+    fn a_huge_field_is_cut_with_its_length_and_tail() {
+        let mut m = Map::new();
+        let mut big = vec![1u8; MAX_FIELD_BYTES * 3];
+        big.extend_from_slice(b"rm -rf /");
+        put_bytes(&mut m, "line", &big);
+        assert_eq!(m["line_len"], json!(big.len()));
+        assert_eq!(m["line_cut"], json!(true));
+        assert!(get_bytes(&m, "line_tail").unwrap().ends_with(b"rm -rf /"));
+        let v = serde_json::to_vec(&Value::Object(m)).unwrap();
+        assert!(v.len() < 2 * 1024 * 1024, "{}", v.len());
+        let mut m = Map::new();
+        put_bytes(&mut m, "line", &vec![0xffu8; MAX_FIELD_BYTES * 3]);
+        let v = serde_json::to_vec(&Value::Object(m)).unwrap();
+        assert!(v.len() < 2 * 1024 * 1024, "{}", v.len());
     }
 
     #[test]

@@ -47,6 +47,8 @@ pub struct SinkStats {
     pub already_present: u64,
     pub retries: u64,
     pub last_tx: u64,
+    /// Records immudb refused (replaced by a loss notice under the same key).
+    pub rejected: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +60,8 @@ pub enum SinkError {
          agent wrote under this agent's keys"
     )]
     Conflict { key: String },
+    #[error("immudb refuses record {key} and its loss notice: {error}")]
+    Rejected { key: String, error: String },
     #[error(transparent)]
     Spool(#[from] SpoolError),
 }
@@ -66,6 +70,50 @@ impl SinkError {
     pub fn is_tampering(&self) -> bool {
         matches!(self, SinkError::Tampering(_) | SinkError::Conflict { .. })
     }
+}
+
+/// Errors that retrying cannot fix: bad configuration (e.g. an unreadable signing key) and
+/// refused credentials.
+pub fn is_permanent(e: &ClientError) -> bool {
+    match e {
+        ClientError::Config(_) | ClientError::InvalidRequest(_) => true,
+        ClientError::Server { status, .. } => matches!(
+            status.code(),
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+        ),
+        _ => false,
+    }
+}
+
+/// immudb refused the data itself (too large, bad key): sending it again cannot succeed.
+fn is_rejected(e: &ClientError) -> bool {
+    match e {
+        ClientError::Server { status, .. } => {
+            let m = status.message();
+            status.code() == tonic::Code::InvalidArgument
+                || m.contains("max value length exceeded")
+                || m.contains("max key length exceeded")
+                || m.contains("larger than max")
+        }
+        ClientError::InvalidRequest(_) => true,
+        _ => false,
+    }
+}
+
+/// What is written instead of a record immudb refuses, under the record's own key, so the
+/// trail shows the gap and why.
+fn rejection_notice(e: &Entry, err: &ClientError) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "v": crate::record::SCHEMA_VERSION,
+        "kind": "loss",
+        "cause": "record_rejected_by_immudb",
+        "seq": e.seq,
+        "count": 1,
+        "value_len": e.value.len(),
+        "value_sha256": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&e.value)),
+        "error": err.to_string(),
+    }))
+    .expect("JSON serialises")
 }
 
 /// Where the sink stands, for progress output and shutdown decisions.
@@ -144,6 +192,44 @@ async fn write_batch(
         };
         if err.is_tampering() {
             return Err(SinkError::Tampering(err));
+        }
+        if is_rejected(&err) {
+            if pending.len() > 1 {
+                // Find the record immudb refuses: write one at a time.
+                tracing::warn!(error = %err, "immudb refused a batch; writing its records one by one");
+                for e in pending {
+                    let single = [e.clone()];
+                    Box::pin(write_batch(client, &single, cfg, stats, abandon, progress)).await?;
+                }
+                return Ok(true);
+            }
+            let e = pending[0];
+            if e.value
+                .windows(25)
+                .any(|w| w == b"record_rejected_by_immudb")
+            {
+                // Even the notice is refused (the key itself is the problem): stop, loudly.
+                return Err(SinkError::Rejected {
+                    key: String::from_utf8_lossy(&e.key).into_owned(),
+                    error: err.to_string(),
+                });
+            }
+            tracing::error!(error = %err, seq = e.seq, "immudb refuses this record; writing a loss notice under its key instead");
+            let notice = Entry {
+                seq: e.seq,
+                key: e.key.clone(),
+                value: rejection_notice(e, &err),
+            };
+            stats.rejected += 1;
+            return Box::pin(write_batch(
+                client,
+                &[notice],
+                cfg,
+                stats,
+                abandon,
+                progress,
+            ))
+            .await;
         }
         if matches!(err, ClientError::PreconditionFailed(_)) {
             // Some of these keys exist: keep only the ones that do not, after checking that

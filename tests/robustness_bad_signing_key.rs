@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 use common::{server, ADMIN_PASSWORD};
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "BUG: an unparsable pinned signing key is retried as 'cannot reach immudb' instead of failing fast as a config error"]
 async fn unparsable_signing_key_fails_fast_with_a_clear_error() {
     let srv = server().await;
     let work = tempfile::tempdir().unwrap();

@@ -54,7 +54,6 @@ fn has_line(rows: &[serde_json::Value], line: &str) -> bool {
 /// record and every record after it are never delivered (ingest exits 1 after 30 s, and every
 /// later start is stuck on the same batch).
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "BUG: a record larger than immudb's 32 MiB limit is retried forever and blocks every later record"]
 async fn oversized_record_does_not_block_the_records_after_it() {
     let srv = server().await;
     let work = tempfile::tempdir().unwrap();
@@ -83,7 +82,6 @@ async fn oversized_record_does_not_block_the_records_after_it() {
 /// reading it back reports "spool is corrupted ... implausible frame length", and from then on
 /// the spool cannot even be opened: the source is bricked and nothing after the line arrives.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "BUG: a long invalid-UTF-8 line writes a spool frame the spool itself rejects as corruption; the source is bricked"]
 async fn long_invalid_utf8_line_does_not_brick_the_spool() {
     let srv = server().await;
     let work = tempfile::tempdir().unwrap();
@@ -120,7 +118,6 @@ async fn long_invalid_utf8_line_does_not_brick_the_spool() {
 /// 1000 entries, and the page (36 MB) exceeds the 32 MiB gRPC limit: the trail cannot be read
 /// back with bt2immu at all ("decoded message length too large").
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "BUG: query scans 1000 entries per page; large records make the page exceed 32 MiB and query fails"]
 async fn query_reads_back_large_records() {
     let srv = server().await;
     let work = tempfile::tempdir().unwrap();
