@@ -640,23 +640,32 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 pub async fn ingest(args: IngestArgs) -> Result<i32> {
-    let mut input = Vec::new();
-    if args.input == Path::new("-") {
-        std::io::stdin()
-            .read_to_end(&mut input)
-            .context("reading stdin")?;
+    use tokio::io::AsyncReadExt;
+    // Streamed, not slurped: `bpftrace … | bt2immu ingest -` spools each line as it arrives.
+    let mut input: Box<dyn tokio::io::AsyncRead + Unpin + Send> = if args.input == Path::new("-") {
+        Box::new(tokio::io::stdin())
     } else {
-        input = fs::read(&args.input).map_err(|e| {
+        Box::new(tokio::fs::File::open(&args.input).await.map_err(|e| {
             exit(
                 cli::EXIT_USAGE,
                 format!("cannot read {}: {e}", args.input.display()),
             )
-        })?;
+        })?)
+    };
+    let mut buf = vec![0u8; 256 * 1024];
+    // The first bytes decide the format (unless given).
+    let mut first = Vec::new();
+    while first.len() < 64 {
+        let n = input.read(&mut buf).await.context("reading the input")?;
+        if n == 0 {
+            break;
+        }
+        first.extend_from_slice(&buf[..n]);
     }
     let format = match args.format {
         OutputFormat::Json => Format::Json,
         OutputFormat::Text => Format::Text,
-        OutputFormat::Auto => decode::sniff_format(&input),
+        OutputFormat::Auto => decode::sniff_format(&first),
     };
     let (script_text, interp) = match &args.script {
         Some(p) => {
@@ -696,7 +705,7 @@ pub async fn ingest(args: IngestArgs) -> Result<i32> {
         sha256: sha256_hex(script_text.as_deref().unwrap_or("").as_bytes()),
     });
     let next_seq = spool.lock().expect("spool lock").next_seq();
-    let shaper = Shaper::new(host, &source, script_ref, next_seq);
+    let shaper = Shaper::new(host, &source, script_ref, next_seq).replayed();
     let mut pipeline = Pipeline::new(format, interp, shaper, spool.clone(), args.stdout);
     if recovery.torn_bytes > 0 {
         let mut d = Map::new();
@@ -713,8 +722,20 @@ pub async fn ingest(args: IngestArgs) -> Result<i32> {
         abandon_rx,
         progress_tx,
     );
-    for chunk in input.chunks(256 * 1024) {
-        pipeline.feed(chunk)?;
+    pipeline.feed(&first)?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            r = input.read(&mut buf) => match r.context("reading the input")? {
+                0 => break,
+                n => pipeline.feed(&buf[..n])?,
+            },
+            _ = tick.tick() => pipeline.tick()?,
+            _ = sigint.recv() => { eprintln!("bt2immu: stopping (SIGINT): flushing what was read"); break }
+            _ = sigterm.recv() => { eprintln!("bt2immu: stopping (SIGTERM): flushing what was read"); break }
+        }
     }
     pipeline.finish()?;
     let stats = finish_sink(

@@ -181,6 +181,9 @@ pub struct Shaper {
     script: Option<ScriptRef>,
     users: Users,
     next_seq: u64,
+    /// Events happen now (from a running bpftrace), so `/proc/<pid>` describes their process.
+    /// False for replayed output, where today's pid may be another process.
+    live: bool,
 }
 
 /// The most bytes of one field kept in a record. Escaping can grow bytes sixfold in JSON
@@ -280,7 +283,14 @@ impl Shaper {
             script,
             users: Users::default(),
             next_seq,
+            live: true,
         }
+    }
+
+    /// Marks the events as replayed (`ingest`): nothing is looked up on the live system.
+    pub fn replayed(mut self) -> Self {
+        self.live = false;
+        self
     }
 
     pub fn source(&self) -> &str {
@@ -366,7 +376,7 @@ impl Shaper {
         if let Some(luid) = p.loginuid.filter(|&x| x != u32::MAX) {
             m.insert("login_user".into(), json!(self.users.name(luid)));
         }
-        if let Some(pid) = p.pid {
+        if let Some(pid) = p.pid.filter(|_| self.live) {
             if let Ok(exe) = fs::read_link(format!("/proc/{pid}/exe")) {
                 m.insert("exe".into(), json!(exe.to_string_lossy()));
             }

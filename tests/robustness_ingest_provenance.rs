@@ -16,7 +16,6 @@ use std::process::Command;
 use common::{server, ADMIN_PASSWORD};
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "BUG: ingest fills `exe` from the live /proc/<pid>/exe of whatever process has that pid now"]
 async fn ingest_does_not_take_exe_from_todays_proc() {
     let srv = server().await;
     let work = tempfile::tempdir().unwrap();

@@ -29,7 +29,6 @@ fn spooled_bytes(dir: &std::path::Path) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "BUG: `ingest -` buffers all of stdin until EOF; a live pipe is never spooled and a stop loses everything"]
 async fn streamed_stdin_is_spooled_while_the_pipe_is_open() {
     let srv = server().await;
     let work = tempfile::tempdir().unwrap();
