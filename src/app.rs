@@ -497,6 +497,23 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         d.insert("bytes".into(), json!(recovery.torn_bytes));
         pipeline.note_loss("spool_torn_tail", 1, d)?;
     }
+    // A marker that exists only while an agent runs: finding it at start means the previous
+    // run was killed (or the host crashed), and the trail must say that capture stopped then.
+    let running_marker = args
+        .conn
+        .state_dir
+        .join("spool")
+        .join(format!("{source}.running"));
+    if let Ok(prev) = fs::read_to_string(&running_marker) {
+        let mut d = Map::new();
+        d.insert("previous_agent_pid".into(), json!(prev.trim()));
+        d.insert(
+            "detail".into(),
+            json!("the previous run ended without a clean stop (killed or crashed); nothing was captured between its last record and this start"),
+        );
+        pipeline.note_loss("agent_crashed", 1, d)?;
+    }
+    write_private(&running_marker, std::process::id().to_string().as_bytes())?;
     let mut d = Map::new();
     d.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
     d.insert("replaying".into(), json!(recovery.pending));
@@ -587,6 +604,7 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     d.insert("records".into(), json!(pipeline.counts.records));
     d.insert("lost_events".into(), json!(pipeline.counts.lost_events));
     pipeline.note("agent_stopped", d)?;
+    let _ = fs::remove_file(&running_marker);
     logger.abort();
     if let Some(e) = sink_failed {
         return Err(e);

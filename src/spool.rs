@@ -48,6 +48,8 @@ pub enum SpoolError {
     OutOfOrder { got: u64, last: u64 },
     #[error("spool key too long ({0} bytes)")]
     KeyTooLong(usize),
+    #[error("record of {0} bytes is larger than the spool accepts")]
+    TooLarge(usize),
 }
 
 type Result<T> = std::result::Result<T, SpoolError>;
@@ -111,6 +113,10 @@ fn encode_frame(entry: &Entry, out: &mut Vec<u8>) -> Result<()> {
     let key_len =
         u16::try_from(entry.key.len()).map_err(|_| SpoolError::KeyTooLong(entry.key.len()))?;
     let payload_len = 8 + 2 + entry.key.len() + entry.value.len();
+    if payload_len > MAX_FRAME as usize {
+        // Never write a frame that reading back would call corruption.
+        return Err(SpoolError::TooLarge(payload_len));
+    }
     let mut payload = Vec::with_capacity(payload_len);
     payload.extend_from_slice(&entry.seq.to_be_bytes());
     payload.extend_from_slice(&key_len.to_be_bytes());
@@ -184,15 +190,31 @@ fn read_frame<R: Read>(r: &mut R, offset: u64) -> io::Result<Frame> {
 /// frame runs to (or past) the end of the file, or what follows is the zero fill a file system
 /// may leave after an interrupted extension. Anything else is corruption.
 fn is_torn_tail(path: &Path, offset: u64, total: u64, declared_end: Option<u64>) -> Result<bool> {
-    if let Some(end) = declared_end {
-        if end >= total {
-            return Ok(true);
-        }
-    }
     let bytes = fs::read(path).map_err(io_err(path))?;
-    let rest = &bytes[offset as usize..];
+    let rest = &bytes[(offset as usize).min(bytes.len())..];
+    // Whatever the damaged frame claims, a complete, checksummed frame further on proves that
+    // appends went on after it: that is damage to fsynced data, not a torn last write.
+    if valid_frame_after(rest) {
+        return Ok(false);
+    }
+    if declared_end.is_some_and(|end| end >= total) {
+        return Ok(true);
+    }
     let header_cut = rest.len() < FRAME_HEADER;
     Ok(header_cut || rest[FRAME_HEADER..].iter().all(|&b| b == 0) && declared_end.is_none())
+}
+
+/// Is there a whole frame with a good checksum anywhere after the first byte of `rest`?
+fn valid_frame_after(rest: &[u8]) -> bool {
+    (1..rest.len().saturating_sub(FRAME_HEADER)).any(|p| {
+        let len = u32::from_be_bytes(rest[p..p + 4].try_into().unwrap()) as usize;
+        let end = p + FRAME_HEADER + len;
+        if !(10..=MAX_FRAME as usize).contains(&len) || end > rest.len() {
+            return false;
+        }
+        let crc = u32::from_be_bytes(rest[p + 4..p + 8].try_into().unwrap());
+        crc32fast::hash(&rest[p + FRAME_HEADER..end]) == crc
+    })
 }
 
 fn list_segments(dir: &Path) -> Result<Vec<u64>> {

@@ -269,6 +269,12 @@ async fn stop_child(
         Ok(s) => s,
         Err(_) => {
             tracing::warn!("bpftrace did not stop within {grace:?}; killing it");
+            if let Some(pid) = child.id() {
+                // Its whole process group: a helper it left behind would keep stdout open
+                // and the drain would never end.
+                // SAFETY: kill(2) on the process group we created for the child.
+                unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
+            }
             let _ = child.start_kill();
             child.wait().await
         }

@@ -364,10 +364,18 @@ impl ImmuClient {
             }
             None => None,
         };
-        std::fs::create_dir_all(&config.state_dir).map_err(|source| ClientError::Io {
-            context: format!("creating state dir {}", config.state_dir.display()),
-            source,
-        })?;
+        {
+            use std::os::unix::fs::DirBuilderExt as _;
+            // Private from the start: the trusted state and identity records are security data.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&config.state_dir)
+                .map_err(|source| ClientError::Io {
+                    context: format!("creating state dir {}", config.state_dir.display()),
+                    source,
+                })?;
+        }
         let channel = connect_channel(&config).await?;
         let grpc = ImmuServiceClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE)
@@ -1293,7 +1301,19 @@ fn check_identity(config: &ClientConfig, uuid: &str) -> Result<(), ClientError> 
             };
             let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
             let json = serde_json::to_vec_pretty(&rec).expect("plain struct serialises");
-            std::fs::write(&tmp, json).map_err(io(format!("writing {}", tmp.display())))?;
+            {
+                use std::io::Write as _;
+                use std::os::unix::fs::OpenOptionsExt as _;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&tmp)
+                    .map_err(io(format!("writing {}", tmp.display())))?;
+                f.write_all(&json)
+                    .and_then(|_| f.sync_all())
+                    .map_err(io(format!("writing {}", tmp.display())))?;
+            }
             std::fs::rename(&tmp, &path).map_err(io(format!("writing {}", path.display())))?;
             Ok(())
         }

@@ -387,9 +387,16 @@ pub fn inspect_script(path: &Path, opts: CheckOptions) -> Result<ScriptInfo, Scr
         info.permission_problems = perms::path_problems(path).map_err(read_err)?;
         // Local headers are compiled into the program too.
         let dir = path.parent().unwrap_or(Path::new("."));
+        // Quoted includes resolve from the script's directory, and so do `<…>` ones, because
+        // bt2immu passes `-I <script dir>`; absolute paths are taken as they are. A system
+        // header that resolves elsewhere is checked where it is found.
         for inc in &info.includes {
-            if let Some(name) = inc.strip_prefix('"').and_then(|s| s.strip_suffix('"')) {
-                let p = dir.join(name);
+            let name = inc
+                .strip_prefix('"')
+                .and_then(|s| s.strip_suffix('"'))
+                .or_else(|| inc.strip_prefix('<').and_then(|s| s.strip_suffix('>')));
+            if let Some(name) = name {
+                let p = dir.join(name); // an absolute `name` replaces `dir`
                 if p.exists() {
                     info.permission_problems
                         .extend(perms::path_problems(&p).map_err(read_err)?);

@@ -54,6 +54,7 @@ impl Tmux {
             "env",
             "-i",
             "TERM=xterm",
+            "LANG=C.UTF-8",
             "HOME=/root",
             "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "PS1=READY$ ",
@@ -68,7 +69,11 @@ impl Tmux {
             name: name.into(),
         };
         sh.wait_for("READY$", Duration::from_secs(10));
-        sh.keys_literal("set +H");
+        // No history expansion; 8-bit input taken as bytes, not as Meta key chords (otherwise
+        // readline turns \xff into "backward-kill-word").
+        sh.keys_literal(
+            "set +H; bind 'set convert-meta off'; bind 'set input-meta on'; bind 'set output-meta on'",
+        );
         sh.enter();
         sh.wait_for_count("READY$", 2, Duration::from_secs(10));
         sh
