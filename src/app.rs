@@ -421,6 +421,7 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         );
     }
     let (source_text, info) = checked_script(args.script.as_deref(), args.program.as_deref())?;
+    let bpftrace = checked_bpftrace(&args.bpftrace)?;
     let is_readline = readline::is_readline_script(&source_text);
     let source = record::source_name(
         &args
@@ -548,7 +549,7 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         bt_args.push(dir.into());
     }
     bt_args.push(program_file.clone().into());
-    let cmd = BpftraceCommand::new(args.bpftrace.clone(), bt_args, env)?;
+    let cmd = BpftraceCommand::new(bpftrace, bt_args, env)?;
     let (child_tx, mut child_rx) = mpsc::channel::<ChildMsg>(1024);
     let (stop_tx, stop_rx) = watch::channel(false);
     let supervisor_task = tokio::spawn(supervisor::supervise(
@@ -637,6 +638,46 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         )),
         Ended::Stopped => Ok(cli::EXIT_OK),
     }
+}
+
+/// Finds the bpftrace binary and, as root, refuses one that a non-root user could replace:
+/// it runs as root with every capability.
+fn checked_bpftrace(name: &Path) -> Result<std::path::PathBuf> {
+    let path = if name.components().count() > 1 {
+        name.to_path_buf()
+    } else {
+        std::env::var_os("PATH")
+            .iter()
+            .flat_map(std::env::split_paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+            .ok_or_else(|| {
+                exit(
+                    cli::EXIT_ERROR,
+                    format!(
+                        "{} not found on PATH: install bpftrace (scripts/setup.sh does) or pass \
+                         --bpftrace PATH",
+                        name.display()
+                    ),
+                )
+            })?
+    };
+    if unsafe { libc::geteuid() } == 0 {
+        let problems = script::perms::path_problems(&path)
+            .with_context(|| format!("checking {}", path.display()))?;
+        if !problems.is_empty() {
+            let list: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
+            return Err(exit(
+                cli::EXIT_REFUSED,
+                format!(
+                    "refusing to run {} as root: a non-root user could replace it\n{}",
+                    path.display(),
+                    list.join("\n")
+                ),
+            ));
+        }
+    }
+    Ok(path)
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {

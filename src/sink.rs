@@ -165,6 +165,57 @@ pub async fn run(
     }
 }
 
+/// Splits a batch whose write hit existing keys into the records still to write, proving the
+/// others are already in immudb byte for byte. One verified transaction read per distinct
+/// transaction (a replayed batch is usually one), not one verified read per record.
+/// The outer error is fatal (tampering, conflict); the inner one is worth retrying.
+async fn sort_out_existing<'a>(
+    client: &ImmuClient,
+    pending: &[&'a Entry],
+    stats: &mut SinkStats,
+) -> Result<Result<Vec<&'a Entry>, ClientError>, SinkError> {
+    let conflict = |e: &Entry| SinkError::Conflict {
+        key: String::from_utf8_lossy(&e.key).into_owned(),
+    };
+    let classify = |e: ClientError| {
+        if e.is_tampering() {
+            Err(SinkError::Tampering(e))
+        } else {
+            Ok(Err(e))
+        }
+    };
+    let mut still = Vec::new();
+    let mut by_tx: std::collections::BTreeMap<u64, Vec<&'a Entry>> = Default::default();
+    for &e in pending {
+        let history = match client.history(&e.key).await {
+            Ok(h) => h,
+            Err(ClientError::KeyNotFound) => Vec::new(),
+            Err(err) => return classify(err),
+        };
+        match history.len() {
+            0 => still.push(e),
+            1 => by_tx.entry(history[0].tx).or_default().push(e),
+            // Our keys are written once: a second revision is an overwrite.
+            _ => return Err(conflict(e)),
+        }
+    }
+    let mut present = 0;
+    for (tx, entries) in by_tx {
+        let vtx = match client.verified_tx_by_id(tx).await {
+            Ok(v) => v,
+            Err(err) => return classify(err),
+        };
+        for e in entries {
+            if !vtx.contains(&e.key, &e.value) {
+                return Err(conflict(e));
+            }
+            present += 1;
+        }
+    }
+    stats.already_present += present;
+    Ok(Ok(still))
+}
+
 /// Writes one batch until it is committed and verified. Returns false if abandoned.
 async fn write_batch(
     client: &ImmuClient,
@@ -231,29 +282,20 @@ async fn write_batch(
             ))
             .await;
         }
-        if matches!(err, ClientError::PreconditionFailed(_)) {
-            // Some of these keys exist: keep only the ones that do not, after checking that
-            // the ones that do hold exactly our bytes.
-            let mut still = Vec::new();
-            for e in pending {
-                match client.verified_get(&e.key).await {
-                    Ok(found) if found.value == e.value => stats.already_present += 1,
-                    Ok(_) => {
-                        return Err(SinkError::Conflict {
-                            key: String::from_utf8_lossy(&e.key).into_owned(),
-                        })
-                    }
-                    Err(ClientError::KeyNotFound) => still.push(e),
-                    Err(ge) if ge.is_tampering() => return Err(SinkError::Tampering(ge)),
-                    Err(ge) => {
-                        tracing::warn!(error = %ge, "reading back an existing key failed; will retry");
-                        still.push(e);
-                    }
+        let err = if matches!(err, ClientError::PreconditionFailed(_)) {
+            // Some of these keys exist (a replay after a lost ack): keep only the ones that do
+            // not, after proving that the ones that do hold exactly our bytes.
+            match sort_out_existing(client, &pending, stats).await? {
+                Ok(still) => {
+                    pending = still;
+                    continue;
                 }
+                // A transport error while checking: back off, then try the batch again.
+                Err(e) => e,
             }
-            pending = still;
-            continue;
-        }
+        } else {
+            err
+        };
         stats.retries += 1;
         let msg = err.to_string();
         tracing::warn!(error = %msg, retry_in = ?backoff, records = pending.len(), "immudb write failed; records stay in the spool");
