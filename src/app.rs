@@ -573,7 +573,13 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     loop {
         tokio::select! {
             msg = child_rx.recv() => match msg {
-                Some(m) => pipeline.child(m)?,
+                Some(m) => {
+                    let before = pipeline.counts.ready;
+                    pipeline.child(m)?;
+                    if pipeline.counts.ready > before {
+                        eprintln!("bt2immu: capture ready: every line typed from now on is recorded");
+                    }
+                }
                 None => break,
             },
             _ = tick.tick() => pipeline.tick()?,
@@ -852,6 +858,22 @@ pub fn check(args: CheckArgs) -> Result<i32> {
     })
 }
 
+/// A line for a terminal: control characters (newline, tab, escape sequences) shown as
+/// `\n`, `\t`, `\x1b`, so a recorded line cannot rewrite the reader's screen.
+fn printable(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// Scans every key under `prefix` (up to `limit`), in pages that shrink when a page of large
 /// records would exceed the gRPC message limit.
 async fn scan_adaptive(
@@ -885,7 +907,10 @@ async fn scan_adaptive(
 }
 
 pub async fn query(args: QueryArgs) -> Result<i32> {
-    let target = resolve_target(&args.conn, false).await?;
+    // The local immudb that `run` starts when none is configured stops with it; reading the
+    // trail back starts it again (and stops it after).
+    let has_local = args.conn.state_dir.join("immudb").is_dir();
+    let target = resolve_target(&args.conn, has_local).await?;
     let client = ImmuClient::connect(target.config.clone())
         .await
         .context("connecting to immudb")?;
@@ -985,7 +1010,7 @@ pub async fn query(args: QueryArgs) -> Result<i32> {
                     g("uid"),
                     g("user"),
                     g("tty"),
-                    line.escape_debug()
+                    printable(&line)
                 );
             }
         }

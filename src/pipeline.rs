@@ -33,6 +33,8 @@ pub struct Counts {
     pub raw: u64,
     pub lost_events: u64,
     pub bpftrace_errors: u64,
+    /// Times the capture announced it was attached and ready (once per bpftrace start).
+    pub ready: u64,
 }
 
 pub struct Pipeline {
@@ -252,6 +254,7 @@ impl Pipeline {
                     self.readline_event(a, out);
                 }
                 if let Some(a) = ready {
+                    self.counts.ready += 1;
                     // The script's BEGIN runs after every probe is attached: from here on,
                     // every line typed is captured.
                     let mut d = Map::new();
