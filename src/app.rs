@@ -26,6 +26,23 @@ use crate::sink::{self, SinkConfig, SinkError, SinkProgress};
 use crate::spool::Spool;
 use crate::supervisor::{self, BpftraceCommand, ChildMsg, Ended, RestartPolicy};
 
+/// Prints a message for the operator on stderr. Unlike `eprintln!`, a closed stderr (e.g.
+/// `bt2immu … 2>&1 | tee log` after tee died) must not crash the agent before it flushes.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// `println!` that stops quietly when stdout is closed (`bt2immu query | head`).
+macro_rules! emit {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// An error that maps to a specific exit code.
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
@@ -173,7 +190,7 @@ pub async fn resolve_target(conn: &ConnArgs, allow_local: bool) -> Result<Target
                         pw
                     }
                 };
-                eprintln!(
+                say!(
                     "bt2immu: no immudb at 127.0.0.1:{port}; starting a local one (data: {}, \
                      admin password in {}); it stops when bt2immu stops",
                     local_dir.display(),
@@ -319,7 +336,7 @@ async fn finish_sink(
     abandon_later.abort();
     let pending = spool.lock().expect("spool lock").pending();
     if pending > 0 {
-        eprintln!(
+        say!(
             "bt2immu: {pending} record(s) could not be written now; they are safe in the spool \
              and will be written at the next start"
         );
@@ -405,7 +422,7 @@ fn ensure_tracefs() {
         )
     };
     if rc == 0 {
-        eprintln!("bt2immu: mounted tracefs at /sys/kernel/tracing (bpftrace needs it)");
+        say!("bt2immu: mounted tracefs at /sys/kernel/tracing (bpftrace needs it)");
     } else {
         tracing::warn!(
             error = %std::io::Error::last_os_error(),
@@ -416,9 +433,7 @@ fn ensure_tracefs() {
 
 pub async fn run(args: RunArgs) -> Result<i32> {
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!(
-            "bt2immu: warning: not running as root; bpftrace needs root (sudo) to attach probes"
-        );
+        say!("bt2immu: warning: not running as root; bpftrace needs root (sudo) to attach probes");
     }
     let (source_text, info) = checked_script(args.script.as_deref(), args.program.as_deref())?;
     let bpftrace = checked_bpftrace(&args.bpftrace)?;
@@ -453,7 +468,7 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         let rendered = readline::render_script(&source_text, &targets, &opts)
             .context("preparing the bashreadline script")?;
         for t in &targets {
-            eprintln!("bt2immu: probing {} in {}", t.symbol, t.binary.display());
+            say!("bt2immu: probing {} in {}", t.symbol, t.binary.display());
         }
         let file = run_dir.join(format!("{source}.bt"));
         write_private(&file, rendered.as_bytes())?;
@@ -493,6 +508,9 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     let shaper = Shaper::new(host, &source, Some(script_ref), next_seq);
     let key_prefix = shaper.key_prefix();
     let mut pipeline = Pipeline::new(format, interp, shaper, spool.clone(), args.stdout);
+    if let Some(pid) = target.local.as_ref().and_then(|l| l.pid()) {
+        pipeline.add_own_pid(pid);
+    }
     if recovery.torn_bytes > 0 {
         let mut d = Map::new();
         d.insert("bytes".into(), json!(recovery.torn_bytes));
@@ -558,10 +576,12 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         child_tx,
         stop_rx,
     ));
-    eprintln!(
+    say!(
         "bt2immu: recording to immudb {}:{} database {} under keys {key_prefix}… \
          (Ctrl-C to stop)",
-        target.config.address, target.config.port, target.config.database
+        target.config.address,
+        target.config.port,
+        target.config.database
     );
 
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -577,14 +597,14 @@ pub async fn run(args: RunArgs) -> Result<i32> {
                     let before = pipeline.counts.ready;
                     pipeline.child(m)?;
                     if pipeline.counts.ready > before {
-                        eprintln!("bt2immu: capture ready: every line typed from now on is recorded");
+                        say!("bt2immu: capture ready: every line typed from now on is recorded");
                     }
                 }
                 None => break,
             },
             _ = tick.tick() => pipeline.tick()?,
-            _ = sigint.recv(), if !stopping => { stopping = true; eprintln!("bt2immu: stopping (SIGINT): flushing what was captured"); let _ = stop_tx.send(true); }
-            _ = sigterm.recv(), if !stopping => { stopping = true; eprintln!("bt2immu: stopping (SIGTERM): flushing what was captured"); let _ = stop_tx.send(true); }
+            _ = sigint.recv(), if !stopping => { stopping = true; say!("bt2immu: stopping (SIGINT): flushing what was captured"); let _ = stop_tx.send(true); }
+            _ = sigterm.recv(), if !stopping => { stopping = true; say!("bt2immu: stopping (SIGTERM): flushing what was captured"); let _ = stop_tx.send(true); }
             res = async { sink_task.as_mut().expect("sink running").await }, if sink_task.is_some() => {
                 sink_task = None;
                 // The sink only ends early on a fatal error (e.g. tampering).
@@ -593,7 +613,7 @@ pub async fn run(args: RunArgs) -> Result<i32> {
                     Ok(Err(e)) => e,
                     Err(e) => anyhow::anyhow!("sink task failed: {e}"),
                 };
-                eprintln!("bt2immu: {err:#}");
+                say!("bt2immu: {err:#}");
                 sink_failed = Some(err);
                 stopping = true;
                 let _ = stop_tx.send(true);
@@ -610,6 +630,10 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     let mut d = Map::new();
     d.insert("records".into(), json!(pipeline.counts.records));
     d.insert("lost_events".into(), json!(pipeline.counts.lost_events));
+    d.insert(
+        "own_events_left_out".into(),
+        json!(pipeline.counts.own_events),
+    );
     pipeline.note("agent_stopped", d)?;
     let _ = fs::remove_file(&running_marker);
     logger.abort();
@@ -624,14 +648,16 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         Duration::from_secs(15),
     )
     .await?;
-    eprintln!(
+    say!(
         "bt2immu: {} records captured ({} typed lines, {} events, {} raw, {} events lost in the \
-         kernel); {} written and verified in {} transactions (last tx {})",
+         kernel, {} of bt2immu's own processes left out); {} written and verified in {} \
+         transactions (last tx {})",
         pipeline.counts.records,
         pipeline.counts.typed_lines,
         pipeline.counts.events,
         pipeline.counts.raw,
         pipeline.counts.lost_events,
+        pipeline.counts.own_events,
         stats.written,
         stats.transactions,
         stats.last_tx
@@ -798,8 +824,8 @@ pub async fn ingest(args: IngestArgs) -> Result<i32> {
                 n => pipeline.feed(&buf[..n])?,
             },
             _ = tick.tick() => pipeline.tick()?,
-            _ = sigint.recv() => { eprintln!("bt2immu: stopping (SIGINT): flushing what was read"); break }
-            _ = sigterm.recv() => { eprintln!("bt2immu: stopping (SIGTERM): flushing what was read"); break }
+            _ = sigint.recv() => { say!("bt2immu: stopping (SIGINT): flushing what was read"); break }
+            _ = sigterm.recv() => { say!("bt2immu: stopping (SIGTERM): flushing what was read"); break }
         }
     }
     pipeline.finish()?;
@@ -811,7 +837,7 @@ pub async fn ingest(args: IngestArgs) -> Result<i32> {
         Duration::from_secs(30),
     )
     .await?;
-    eprintln!(
+    say!(
         "bt2immu: {} records from {} ({} raw, {} events lost); {} written and verified in {} \
          transactions",
         pipeline.counts.records,
@@ -843,12 +869,12 @@ pub fn check(args: CheckArgs) -> Result<i32> {
                 obj.insert("refused".into(), json!(r.to_string()));
             }
         }
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        emit!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print!("{}", info.describe());
         match &refusal {
-            None => println!("\nverdict: safe to run with bt2immu"),
-            Some(r) => println!("\nverdict: REFUSED\n{r}"),
+            None => emit!("\nverdict: safe to run with bt2immu"),
+            Some(r) => emit!("\nverdict: REFUSED\n{r}"),
         }
     }
     Ok(if refusal.is_some() {
@@ -980,7 +1006,7 @@ pub async fn query(args: QueryArgs) -> Result<i32> {
     match args.format {
         cli::QueryFormat::Jsonl => {
             for (key, tx, value, tampered) in &rows {
-                println!(
+                emit!(
                     "{}",
                     json!({"key": key, "tx": tx, "verified": args.verify && !tampered,
                            "tampered": tampered, "value": value})
@@ -988,9 +1014,13 @@ pub async fn query(args: QueryArgs) -> Result<i32> {
             }
         }
         cli::QueryFormat::Table => {
-            println!(
+            emit!(
                 "{:<30} {:>7} {:>6} {:<8} {:<6} LINE",
-                "TIME", "PID", "UID", "USER", "TTY"
+                "TIME",
+                "PID",
+                "UID",
+                "USER",
+                "TTY"
             );
             for (_, _, v, _) in &rows {
                 let g = |k: &str| {
@@ -1003,7 +1033,7 @@ pub async fn query(args: QueryArgs) -> Result<i32> {
                     .and_then(|l| l.as_str())
                     .map(|s| s.to_string())
                     .unwrap_or_else(|| g("event"));
-                println!(
+                emit!(
                     "{:<30} {:>7} {:>6} {:<8} {:<6} {}",
                     g("ts"),
                     g("pid"),
@@ -1016,11 +1046,18 @@ pub async fn query(args: QueryArgs) -> Result<i32> {
         }
     }
     client.close().await;
-    eprintln!(
+    say!(
         "bt2immu: {} record(s){}",
         rows.len(),
         if args.verify { ", each verified" } else { "" }
     );
+    if !complete {
+        say!(
+            "bt2immu: stopped at --limit {}; more records may follow (the gap check needs them \
+             all: raise --limit)",
+            args.limit
+        );
+    }
     if !problems.is_empty() {
         return Err(exit(
             cli::EXIT_VERIFICATION,

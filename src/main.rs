@@ -6,6 +6,14 @@ use clap::Parser;
 use bt2immu::app;
 use bt2immu::cli::{self, Cli, Command};
 
+/// Like `eprintln!`, but a closed stderr is not a reason to panic.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 fn init_logging(verbose: u8) {
     let default = match verbose {
         0 => "bt2immu=warn",
@@ -37,7 +45,7 @@ fn config_path_from_args(args: &[std::ffi::OsString]) -> Option<std::path::PathB
 fn main() {
     let args = cli::normalize_args(std::env::args_os().collect());
     if let Err(e) = app::apply_config_file(config_path_from_args(&args).as_deref()) {
-        eprintln!("bt2immu: {e:#}");
+        say!("bt2immu: {e:#}");
         std::process::exit(cli::EXIT_USAGE);
     }
     let cli = match Cli::try_parse_from(&args) {
@@ -70,11 +78,9 @@ fn main() {
         Err(e) => {
             let code = app::exit_code(&e);
             if code == cli::EXIT_VERIFICATION {
-                eprintln!(
-                    "bt2immu: *** VERIFICATION FAILED (possible tampering) ***\nbt2immu: {e:#}"
-                );
+                say!("bt2immu: *** VERIFICATION FAILED (possible tampering) ***\nbt2immu: {e:#}");
             } else {
-                eprintln!("bt2immu: {e:#}");
+                say!("bt2immu: {e:#}");
             }
             code
         }

@@ -35,6 +35,9 @@ pub struct Counts {
     pub bpftrace_errors: u64,
     /// Times the capture announced it was attached and ready (once per bpftrace start).
     pub ready: u64,
+    /// Events of the agent's own processes (bt2immu, its bpftrace, its local immudb), left
+    /// out: recording them would feed back (each write causes more events to write).
+    pub own_events: u64,
 }
 
 pub struct Pipeline {
@@ -44,6 +47,7 @@ pub struct Pipeline {
     shaper: Shaper,
     spool: Arc<Mutex<Spool>>,
     echo: bool,
+    own_pids: std::collections::HashSet<u64>,
     pub counts: Counts,
 }
 
@@ -62,8 +66,14 @@ impl Pipeline {
             shaper,
             spool,
             echo,
+            own_pids: [u64::from(std::process::id())].into_iter().collect(),
             counts: Counts::default(),
         }
+    }
+
+    /// A process of the agent itself (e.g. a local immudb) whose events are not recorded.
+    pub fn add_own_pid(&mut self, pid: u32) {
+        self.own_pids.insert(pid.into());
     }
 
     pub fn shaper_mut(&mut self) -> &mut Shaper {
@@ -85,6 +95,7 @@ impl Pipeline {
         match msg {
             ChildMsg::Stdout(b) => self.feed(&b),
             ChildMsg::Started { pid, attempt } => {
+                self.own_pids.insert(pid.into());
                 let mut d = Map::new();
                 d.insert("bpftrace_pid".into(), json!(pid));
                 d.insert("attempt".into(), json!(attempt));
@@ -266,6 +277,15 @@ impl Pipeline {
             }
             Interpretation::Script(info) => match info.split_line(&line) {
                 Split::Fields { probe, fields, .. } => {
+                    let pid = fields.iter().find_map(|(n, v)| match (n.as_str(), v) {
+                        ("pid", FieldValue::Int(p)) => u64::try_from(*p).ok(),
+                        ("pid", FieldValue::UInt(p)) => Some(*p),
+                        _ => None,
+                    });
+                    if pid.is_some_and(|p| self.own_pids.contains(&p)) {
+                        self.counts.own_events += 1;
+                        return;
+                    }
                     self.counts.events += 1;
                     let mut m = Map::new();
                     for (name, value) in fields {

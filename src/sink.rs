@@ -77,10 +77,14 @@ impl SinkError {
 pub fn is_permanent(e: &ClientError) -> bool {
     match e {
         ClientError::Config(_) | ClientError::InvalidRequest(_) => true,
-        ClientError::Server { status, .. } => matches!(
-            status.code(),
-            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
-        ),
+        ClientError::Server { status, .. } => {
+            matches!(
+                status.code(),
+                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+            ) || status.message().contains("invalid user name or password")
+                || status.message().contains("not authorized")
+                || status.message().contains("database does not exist")
+        }
         _ => false,
     }
 }

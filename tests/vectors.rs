@@ -5,7 +5,8 @@
 //! touching this file; a case with an unknown shape fails the test.
 //!
 //! The file is taken from `$IMMUDB_VECTORS` if set, else from
-//! `$CARGO_MANIFEST_DIR/../shared/vectors/immudb-vectors.json`.
+//! `$CARGO_MANIFEST_DIR/../shared/vectors/immudb-vectors.json` (the project's shared facts, next
+//! to the checkout in CI), else from the copy in `tests/fixtures/` (a clone elsewhere).
 
 use bt2immu::immudb::proof::*;
 use serde_json::{Map, Value};
@@ -15,10 +16,23 @@ use std::collections::BTreeMap;
 // loading and JSON helpers
 
 fn vectors_path() -> std::path::PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     match std::env::var_os("IMMUDB_VECTORS") {
         Some(p) => p.into(),
-        None => std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/vectors/immudb-vectors.json"),
+        None => {
+            let shared = root.join("../shared/vectors/immudb-vectors.json");
+            if shared.exists() {
+                shared
+            } else {
+                let copy = root.join("tests/fixtures/immudb-vectors.json");
+                eprintln!(
+                    "vectors: {} not found; using the copy {}",
+                    shared.display(),
+                    copy.display()
+                );
+                copy
+            }
+        }
     }
 }
 

@@ -161,12 +161,9 @@ pub enum ClientError {
     PreconditionFailed(String),
     #[error("key not found")]
     KeyNotFound,
-    #[error("{op}: {status}")]
-    Server {
-        op: &'static str,
-        #[source]
-        status: Status,
-    },
+    // The status is shown here rather than as a `source`, so error chains do not say it twice.
+    #[error("{op}: {} (gRPC {:?})", status.message(), status.code())]
+    Server { op: &'static str, status: Status },
     #[error("connecting to {address}: {source}")]
     Connect {
         address: String,

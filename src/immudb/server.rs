@@ -305,9 +305,9 @@ impl LocalImmudb {
                 "--web-server=false",
             ]);
         if let Some(pw) = &self.opts.admin_password {
-            // Not a secret worth protecting: only test and local servers are started this way,
-            // and immudb has no other way to take it at first start.
-            cmd.arg("--admin-password").arg(pw);
+            // Through the environment (immudb's twin of --admin-password), never argv: any
+            // local user can read a command line in `ps`, only root can read the environment.
+            cmd.env("IMMUDB_ADMIN_PASSWORD", pw);
         }
         if let Some(key) = &self.opts.signing_key {
             cmd.arg("--signingKey").arg(key);
@@ -324,6 +324,9 @@ impl LocalImmudb {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        // Its own process group: a Ctrl-C at the terminal goes to bt2immu, which must still be
+        // able to flush into this server before stopping it.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         cmd
     }
 
