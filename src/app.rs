@@ -871,10 +871,13 @@ pub fn check(args: CheckArgs) -> Result<i32> {
         }
         emit!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        print!("{}", info.describe());
-        match &refusal {
-            None => emit!("\nverdict: safe to run with bt2immu"),
-            Some(r) => emit!("\nverdict: REFUSED\n{r}"),
+        // describe() already states the verdict; a refusal adds the reasons and the fixes.
+        {
+            use std::io::Write as _;
+            let _ = write!(std::io::stdout(), "{}", info.describe());
+        }
+        if let Some(r) = &refusal {
+            emit!("\nREFUSED: {r}");
         }
     }
     Ok(if refusal.is_some() {
