@@ -266,15 +266,20 @@ fn open_spool(
     Ok((Arc::new(Mutex::new(spool)), recovery, SpoolLock(lock)))
 }
 
+/// The running sink and the switches that end it.
+struct SinkTask {
+    task: tokio::task::JoinHandle<Result<sink::SinkStats>>,
+    drain: watch::Sender<bool>,
+    abandon: watch::Sender<bool>,
+    progress: watch::Receiver<SinkProgress>,
+}
+
 /// Starts the sink; connects (retrying) first, so capture goes on while immudb is down.
-fn spawn_sink(
-    config: ClientConfig,
-    spool: Arc<Mutex<Spool>>,
-    drain: watch::Receiver<bool>,
-    abandon: watch::Receiver<bool>,
-    progress: watch::Sender<SinkProgress>,
-) -> tokio::task::JoinHandle<Result<sink::SinkStats>> {
-    tokio::spawn(async move {
+fn spawn_sink(config: ClientConfig, spool: Arc<Mutex<Spool>>) -> SinkTask {
+    let (drain_tx, drain) = watch::channel(false);
+    let (abandon_tx, abandon) = watch::channel(false);
+    let (progress, progress_rx) = watch::channel(SinkProgress::default());
+    let task = tokio::spawn(async move {
         let mut backoff = Duration::from_millis(500);
         let client = loop {
             match ImmuClient::connect(config.clone()).await {
@@ -316,23 +321,28 @@ fn spawn_sink(
         .await;
         client.close().await;
         Ok(res?)
-    })
+    });
+    SinkTask {
+        task,
+        drain: drain_tx,
+        abandon: abandon_tx,
+        progress: progress_rx,
+    }
 }
 
 /// The common tail of `run` and `ingest`: drain the sink, report, pick the exit code.
 async fn finish_sink(
-    sink_task: tokio::task::JoinHandle<Result<sink::SinkStats>>,
-    drain_tx: watch::Sender<bool>,
-    abandon_tx: watch::Sender<bool>,
+    sink: SinkTask,
     spool: &Arc<Mutex<Spool>>,
     drain_timeout: Duration,
 ) -> Result<sink::SinkStats> {
-    let _ = drain_tx.send(true);
+    let _ = sink.drain.send(true);
+    let abandon = sink.abandon;
     let abandon_later = tokio::spawn(async move {
         tokio::time::sleep(drain_timeout).await;
-        let _ = abandon_tx.send(true);
+        let _ = abandon.send(true);
     });
-    let stats = sink_task.await.context("sink task panicked")??;
+    let stats = sink.task.await.context("sink task panicked")??;
     abandon_later.abort();
     let pending = spool.lock().expect("spool lock").pending();
     if pending > 0 {
@@ -538,17 +548,8 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     d.insert("replaying".into(), json!(recovery.pending));
     pipeline.note("agent_started", d)?;
 
-    let (drain_tx, drain_rx) = watch::channel(false);
-    let (abandon_tx, abandon_rx) = watch::channel(false);
-    let (progress_tx, progress_rx) = watch::channel(SinkProgress::default());
-    let sink_task = spawn_sink(
-        target.config.clone(),
-        spool.clone(),
-        drain_rx,
-        abandon_rx,
-        progress_tx,
-    );
-    let logger = progress_logger(progress_rx.clone());
+    let mut sink = spawn_sink(target.config.clone(), spool.clone());
+    let logger = progress_logger(sink.progress.clone());
 
     let mut bt_args: Vec<std::ffi::OsString> = Vec::new();
     if format == Format::Json {
@@ -586,7 +587,7 @@ pub async fn run(args: RunArgs) -> Result<i32> {
 
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut sink_task = Some(sink_task);
+    let mut sink_running = true;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut stopping = false;
     let mut sink_failed: Option<anyhow::Error> = None;
@@ -605,8 +606,8 @@ pub async fn run(args: RunArgs) -> Result<i32> {
             _ = tick.tick() => pipeline.tick()?,
             _ = sigint.recv(), if !stopping => { stopping = true; say!("bt2immu: stopping (SIGINT): flushing what was captured"); let _ = stop_tx.send(true); }
             _ = sigterm.recv(), if !stopping => { stopping = true; say!("bt2immu: stopping (SIGTERM): flushing what was captured"); let _ = stop_tx.send(true); }
-            res = async { sink_task.as_mut().expect("sink running").await }, if sink_task.is_some() => {
-                sink_task = None;
+            res = &mut sink.task, if sink_running => {
+                sink_running = false;
                 // The sink only ends early on a fatal error (e.g. tampering).
                 let err = match res {
                     Ok(Ok(_)) => anyhow::anyhow!("the sink stopped unexpectedly"),
@@ -640,14 +641,7 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     if let Some(e) = sink_failed {
         return Err(e);
     }
-    let stats = finish_sink(
-        sink_task.expect("sink running"),
-        drain_tx,
-        abandon_tx,
-        &spool,
-        Duration::from_secs(15),
-    )
-    .await?;
+    let stats = finish_sink(sink, &spool, Duration::from_secs(15)).await?;
     say!(
         "bt2immu: {} records captured ({} typed lines, {} events, {} raw, {} events lost in the \
          kernel, {} of bt2immu's own processes left out); {} written and verified in {} \
@@ -803,16 +797,7 @@ pub async fn ingest(args: IngestArgs) -> Result<i32> {
         d.insert("bytes".into(), json!(recovery.torn_bytes));
         pipeline.note_loss("spool_torn_tail", 1, d)?;
     }
-    let (drain_tx, drain_rx) = watch::channel(false);
-    let (abandon_tx, abandon_rx) = watch::channel(false);
-    let (progress_tx, _progress_rx) = watch::channel(SinkProgress::default());
-    let sink_task = spawn_sink(
-        target.config.clone(),
-        spool.clone(),
-        drain_rx,
-        abandon_rx,
-        progress_tx,
-    );
+    let sink = spawn_sink(target.config.clone(), spool.clone());
     pipeline.feed(&first)?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -829,14 +814,7 @@ pub async fn ingest(args: IngestArgs) -> Result<i32> {
         }
     }
     pipeline.finish()?;
-    let stats = finish_sink(
-        sink_task,
-        drain_tx,
-        abandon_tx,
-        &spool,
-        Duration::from_secs(30),
-    )
-    .await?;
+    let stats = finish_sink(sink, &spool, Duration::from_secs(30)).await?;
     say!(
         "bt2immu: {} records from {} ({} raw, {} events lost); {} written and verified in {} \
          transactions",
