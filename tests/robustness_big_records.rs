@@ -8,27 +8,9 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
-use common::{server, ADMIN_PASSWORD};
-
-fn bt2immu(args: &[&str], port: u16, state: &Path) -> Output {
-    let pw = state.with_extension("pw");
-    std::fs::write(&pw, format!("{ADMIN_PASSWORD}\n")).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_bt2immu"))
-        .args(args)
-        .args(["--immudb-address", "127.0.0.1", "--immudb-port"])
-        .arg(port.to_string())
-        .arg("--password-file")
-        .arg(&pw)
-        .arg("--state-dir")
-        .arg(state)
-        .env_remove("IMMUCLIENT_IMMUDB_ADDRESS")
-        .env_remove("IMMUCLIENT_IMMUDB_PORT")
-        .env_remove("BT2IMMU_CONFIG")
-        .output()
-        .expect("running bt2immu")
-}
+use common::{bt2immu, server};
 
 fn query_lines(port: u16, state: &Path, prefix: &str) -> (Output, Vec<serde_json::Value>) {
     let out = bt2immu(

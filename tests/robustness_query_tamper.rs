@@ -9,28 +9,10 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use bt2immu::immudb::client::SetMode;
-use common::{client, immuclient, server, ADMIN_PASSWORD};
-
-fn bt2immu(args: &[&str], port: u16, state: &Path) -> Output {
-    let pw = state.with_extension("pw");
-    std::fs::write(&pw, format!("{ADMIN_PASSWORD}\n")).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_bt2immu"))
-        .args(args)
-        .args(["--immudb-address", "127.0.0.1", "--immudb-port"])
-        .arg(port.to_string())
-        .arg("--password-file")
-        .arg(&pw)
-        .arg("--state-dir")
-        .arg(state)
-        .env_remove("IMMUCLIENT_IMMUDB_ADDRESS")
-        .env_remove("IMMUCLIENT_IMMUDB_PORT")
-        .env_remove("BT2IMMU_CONFIG")
-        .output()
-        .expect("running bt2immu")
-}
+use common::{bt2immu, client, immuclient, server};
 
 fn rows(out: &Output) -> Vec<serde_json::Value> {
     String::from_utf8_lossy(&out.stdout)

@@ -152,3 +152,23 @@ pub fn copy_tree(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Runs the bt2immu binary against the test server on `port`, with the admin password in a
+/// file next to `state` and nothing taken from the environment or a config file.
+pub fn bt2immu(args: &[&str], port: u16, state: &Path) -> Output {
+    let pw = state.with_extension("pw");
+    std::fs::write(&pw, format!("{ADMIN_PASSWORD}\n")).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_bt2immu"))
+        .args(args)
+        .args(["--immudb-address", "127.0.0.1", "--immudb-port"])
+        .arg(port.to_string())
+        .arg("--password-file")
+        .arg(&pw)
+        .arg("--state-dir")
+        .arg(state)
+        .env_remove("IMMUCLIENT_IMMUDB_ADDRESS")
+        .env_remove("IMMUCLIENT_IMMUDB_PORT")
+        .env_remove("BT2IMMU_CONFIG")
+        .output()
+        .expect("running bt2immu")
+}
