@@ -157,7 +157,7 @@ pub async fn run(
             continue;
         }
         let last = batch.last().map(|e| e.seq).unwrap_or(0);
-        if !write_batch(client, &batch, &cfg, &mut stats, &abandon, &progress).await? {
+        if !write_batch(client, &batch, &cfg, &mut stats, &abandon, &progress, false).await? {
             return Ok(stats); // abandoned: records stay in the spool
         }
         spool.lock().expect("spool lock").ack(last)?;
@@ -221,6 +221,8 @@ async fn sort_out_existing<'a>(
 }
 
 /// Writes one batch until it is committed and verified. Returns false if abandoned.
+/// `is_notice`: the batch is a loss notice standing in for a refused record; if immudb refuses
+/// that too, the key itself is the problem and the sink stops.
 async fn write_batch(
     client: &ImmuClient,
     batch: &[Entry],
@@ -228,6 +230,7 @@ async fn write_batch(
     stats: &mut SinkStats,
     abandon: &watch::Receiver<bool>,
     progress: &watch::Sender<SinkProgress>,
+    is_notice: bool,
 ) -> Result<bool, SinkError> {
     let mut pending: Vec<&Entry> = batch.iter().collect();
     let mut backoff = cfg.retry_initial;
@@ -254,15 +257,15 @@ async fn write_batch(
                 tracing::warn!(error = %err, "immudb refused a batch; writing its records one by one");
                 for e in pending {
                     let single = [e.clone()];
-                    Box::pin(write_batch(client, &single, cfg, stats, abandon, progress)).await?;
+                    Box::pin(write_batch(
+                        client, &single, cfg, stats, abandon, progress, false,
+                    ))
+                    .await?;
                 }
                 return Ok(true);
             }
             let e = pending[0];
-            if e.value
-                .windows(25)
-                .any(|w| w == b"record_rejected_by_immudb")
-            {
+            if is_notice {
                 // Even the notice is refused (the key itself is the problem): stop, loudly.
                 return Err(SinkError::Rejected {
                     key: String::from_utf8_lossy(&e.key).into_owned(),
@@ -283,6 +286,7 @@ async fn write_batch(
                 stats,
                 abandon,
                 progress,
+                true,
             ))
             .await;
         }
