@@ -478,7 +478,11 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         let rendered = readline::render_script(&source_text, &targets, &opts)
             .context("preparing the bashreadline script")?;
         for t in &targets {
-            say!("bt2immu: probing {} in {}", t.symbol, t.binary.display());
+            say!(
+                "bt2immu: probing {} in {}",
+                readline::SYMBOL,
+                t.binary.display()
+            );
         }
         let file = run_dir.join(format!("{source}.bt"));
         write_private(&file, rendered.as_bytes())?;
@@ -486,7 +490,7 @@ pub async fn run(args: RunArgs) -> Result<i32> {
             Format::Json,
             Interpretation::Readline(readline::Assembler::new(opts.clone())),
             file,
-            readline::bpftrace_env(&opts),
+            readline::bpftrace_env(&opts).context("preparing the bashreadline script")?,
         )
     } else {
         let file = run_dir.join(format!("{source}.bt"));
@@ -839,6 +843,43 @@ pub fn check(args: CheckArgs) -> Result<i32> {
     let info = script::inspect_script(&args.script, script::CheckOptions::default())
         .map_err(|e| exit(cli::EXIT_USAGE, format!("{e}")))?;
     let refusal = info.ensure_safe().err();
+    if args.render {
+        if let Some(r) = &refusal {
+            return Err(exit(cli::EXIT_REFUSED, format!("REFUSED: {r}")));
+        }
+        let text = fs::read_to_string(&args.script)
+            .with_context(|| format!("reading {}", args.script.display()))?;
+        if !readline::is_readline_script(&text) {
+            return Err(exit(
+                cli::EXIT_USAGE,
+                "--render is for the bashreadline script; other scripts run as written",
+            ));
+        }
+        let shells = if args.shells.is_empty() {
+            readline::default_shells()
+        } else {
+            args.shells.clone()
+        };
+        let targets =
+            readline::locate_targets(&shells).context("finding the readline functions to probe")?;
+        let opts = readline::ReadlineOptions {
+            max_line_bytes: args.max_line_bytes,
+            ..Default::default()
+        };
+        let rendered = readline::render_script(&text, &targets, &opts)
+            .map_err(|e| exit(cli::EXIT_USAGE, format!("{e}")))?;
+        let env: Vec<String> = readline::bpftrace_env(&opts)?
+            .into_iter()
+            .map(|(k, v)| format!("{k}={}", shell_escape::escape(v.into())))
+            .collect();
+        emit!(
+            "// Rendered by bt2immu for this host. Run by hand (root):\n//   {} bpftrace {} FILE\n{}",
+            env.join(" "),
+            readline::bpftrace_args().join(" "),
+            rendered.trim_end()
+        );
+        return Ok(cli::EXIT_OK);
+    }
     if args.json {
         let mut v = info.describe_json();
         if let Some(obj) = v.as_object_mut() {

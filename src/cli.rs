@@ -120,9 +120,10 @@ pub struct RunArgs {
     /// bpftrace binary.
     #[arg(long, env = "BT2IMMU_BPFTRACE", default_value = "bpftrace")]
     pub bpftrace: PathBuf,
-    /// Longest line captured whole by the bashreadline script; longer lines are stored cut,
-    /// flagged, with their real length and their tail.
-    #[arg(long, default_value_t = 16384)]
+    /// Longest line captured whole by the bashreadline script (up to 2097600; rounded up to
+    /// whole 200-byte chunks); a longer line is stored cut, flagged, with its exact length
+    /// and its last 65600 bytes. Each 262200 bytes add a BPF program to load at start.
+    #[arg(long, default_value_t = crate::readline::DEFAULT_MAX_LINE_BYTES)]
     pub max_line_bytes: usize,
     /// Shell binaries whose readline to probe (default: /bin/bash and bash from /etc/shells).
     #[arg(long = "shell", value_name = "PATH")]
@@ -162,6 +163,16 @@ pub struct CheckArgs {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+    /// For the bashreadline script: print the script as `run` would start it on this host
+    /// (symbol addresses, line limit filled in) and the environment to run it by hand.
+    #[arg(long, conflicts_with = "json")]
+    pub render: bool,
+    /// With --render: the line limit (see `run --max-line-bytes`).
+    #[arg(long, default_value_t = crate::readline::DEFAULT_MAX_LINE_BYTES, requires = "render")]
+    pub max_line_bytes: usize,
+    /// With --render: shell binaries whose readline to probe.
+    #[arg(long = "shell", value_name = "PATH", requires = "render")]
+    pub shells: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

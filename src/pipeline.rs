@@ -269,9 +269,9 @@ impl Pipeline {
                     // The script's BEGIN runs after every probe is attached: from here on,
                     // every line typed is captured.
                     let mut d = Map::new();
-                    d.insert("chunk_bytes".into(), json!(a.stride));
-                    d.insert("head_bytes".into(), json!(a.stride * a.head_chunks));
-                    d.insert("scan_bytes".into(), json!(a.stride * a.scan_chunks));
+                    d.insert("chunk_bytes".into(), json!(a.chunk));
+                    d.insert("head_bytes".into(), json!(a.head_bytes));
+                    d.insert("tail_bytes".into(), json!(a.tail_bytes));
                     out.push(self.shaper.agent("capture_ready", d));
                 }
             }
@@ -332,9 +332,6 @@ impl Pipeline {
                     cgroup: Some(l.cgroup),
                 };
                 let mut extra = Map::new();
-                if l.len_is_lower_bound {
-                    extra.insert("len_at_least".into(), json!(true));
-                }
                 if let Some(off) = l.tail_offset {
                     extra.insert("tail_offset".into(), json!(off));
                 }

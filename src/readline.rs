@@ -1,17 +1,23 @@
 //! The bashreadline job: which binaries to probe, how `scripts/bashreadline.bt` is
-//! instantiated for them, and how its chunk protocol (`BT2I1 …` records) is put back
-//! together into whole typed lines.
+//! instantiated for them, and how its records (`BT2I2 …`) are put back together into whole
+//! typed lines.
 //!
-//! Why chunks: bpftrace 0.17 reads at most 199 bytes per `str()`, and the BPF stack holds only
-//! three such strings next to a printf record, so the script reads a line in
-//! [`STRIDE`]-byte pieces and prints each one as its own record (the protocol is described in
-//! the script's header). Three BPF programs run on each return of the probed function — head
-//! (C…E), scan (T…F, only for lines longer than the head) and provenance (P) — in no
-//! guaranteed order, so [`Assembler`] matches them by task, line pointer and time, checks that
-//! every chunk is there, and turns anything inconsistent into [`AssembledEvent::Malformed`]
-//! with all of its raw records: nothing is dropped and nothing is glued over a gap.
+//! How the script captures a line (its header has the protocol): at the entry of readline's
+//! `readline_internal_teardown` it reads the line's exact length from readline's `rl_end`
+//! and prints the provenance (P); programs on the return then print the line's bytes from
+//! `rl_line_buffer` as hex chunks (C) of [`CHUNK`] bytes, one program per head part of
+//! [`PART_BYTES`], one for the tail of a cut line, and one for the last partial chunk (S, a
+//! string: its length is not a constant the verifier accepts for `buf()`). Knowing
+//! the length, nothing past the line is read, and the verifier's budget buys ~262 KB per
+//! program instead of the ~16 KB a NUL-scanning loop gets on bpftrace 0.17.
+//!
+//! The programs run on the same call but may print on different CPUs, so their records arrive
+//! in no guaranteed order. [`Assembler`] groups them by task and line id, knows from the
+//! length exactly which chunks make the line, and turns anything missing or inconsistent into
+//! [`AssembledEvent::Malformed`] with all of its raw records: nothing is dropped and nothing is
+//! glued over a gap.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -21,31 +27,36 @@ use object::{Object, ObjectSymbol, SymbolKind};
 use thiserror::Error;
 
 /// The comment line that marks a script as speaking this protocol.
-pub const PROTOCOL_MARKER: &str = "// bt2immu:protocol bashreadline BT2I1";
+pub const PROTOCOL_MARKER: &str = "// bt2immu:protocol bashreadline BT2I2";
 /// Every record of the protocol starts with this.
-pub const RECORD_PREFIX: &[u8] = b"BT2I1 ";
-/// The marker comment before each attach point line that [`render_script`] rewrites.
+pub const RECORD_PREFIX: &[u8] = b"BT2I2 ";
+/// The marker comment before each return attach point line that [`render_script`] rewrites.
 pub const TARGETS_MARKER: &str = "// bt2immu:targets";
-/// bpftrace's string size for the script (`BPFTRACE_STRLEN`): the largest that keeps the scan
-/// program's three strings and its printf record within the 512-byte BPF stack (measured on
-/// 0.17; 138 and above fail to load).
-pub const STRLEN: usize = 136;
-/// Bytes per chunk: `str(p, STRIDE + 1)` must still fit in a STRLEN buffer with its NUL.
-pub const STRIDE: usize = STRLEN - 2;
-/// The most head chunks measured to load: 123 chunks (16,482 bytes) was verified with
-/// 393,028–734,399 instructions processed (the count varies with the verifier's pruning), so
-/// the 1M limit leaves no room to double it safely.
-pub const MAX_HEAD_CHUNKS: usize = 123;
-/// How many chunks from the start the scan program looks for the end of a cut line:
-/// 240 chunks = 32,160 bytes; 361,305 verifier instructions.
-pub const SCAN_CHUNKS: usize = 240;
-/// The probed functions, best first: `readline_internal_teardown` also sees the line that was
-/// being typed when the probe was attached; `readline` is the portable fallback.
-pub const SYMBOLS: [&str; 2] = ["readline_internal_teardown", "readline"];
-
-/// The records of one line's three programs are at most this far apart (they run back to back
-/// on the same return, within microseconds).
-const MATCH_WINDOW_NS: u64 = 100_000_000;
+const ENTRY_BEGIN: &str = "// bt2immu:entry-begin";
+const ENTRY_END: &str = "// bt2immu:entry-end";
+const PART_BEGIN: &str = "// bt2immu:part-begin";
+const PART_END: &str = "// bt2immu:part-end";
+/// bpftrace's string/buffer size for the script: the most `buf()` reads on 0.17.
+pub const STRLEN: usize = 200;
+/// Bytes per chunk record.
+pub const CHUNK: usize = 200;
+/// Bytes one head program reads (1311 chunks, ~412k verifier instructions on 0.17, measured).
+pub const PART_BYTES: usize = 262_200;
+/// The most head programs the script is rendered with: 8 parts, 2,097,600 bytes. A record of
+/// a line this long stays below immudb's 32 MiB message limit even when every byte has to be
+/// escaped; each part also adds about a second to bpftrace's start.
+pub const MAX_PARTS: usize = 8;
+/// The longest `max_line_bytes` accepted.
+pub const MAX_LINE_BYTES: usize = MAX_PARTS * PART_BYTES;
+/// How much of the end of a cut line the script keeps (`TAIL_BYTES` in the script).
+pub const TAIL_BYTES: usize = 65_600;
+/// The default line limit: 1 MiB (rounded up to whole chunks: 1,048,600 bytes).
+pub const DEFAULT_MAX_LINE_BYTES: usize = 1024 * 1024;
+/// The probed function: readline calls it once a line is accepted, so even the line that was
+/// being typed when the probe attached is seen.
+pub const SYMBOL: &str = "readline_internal_teardown";
+/// readline's globals the entry program reads: the line's length and its buffer.
+pub const DATA_SYMBOLS: [&str; 2] = ["rl_end", "rl_line_buffer"];
 
 #[derive(Debug, Error)]
 pub enum ReadlineError {
@@ -67,37 +78,45 @@ pub enum ReadlineError {
     NoTargets(String),
     #[error("the script is not the bashreadline protocol (no `{PROTOCOL_MARKER}` line)")]
     NotReadlineScript,
-    #[error("the script has no `{TARGETS_MARKER}` line followed by an attach point")]
-    NoTargetMarker,
+    #[error("the script has no `{0}` block with an attach point")]
+    NoBlock(&'static str),
     #[error("the script has no `#define {0} …` line to set")]
     NoParam(&'static str),
     #[error("cannot put {0:?} into an attach point (only letters, digits and . _ + - / are safe)")]
     UnsafeTarget(String),
     #[error(
-        "max line bytes {0} is out of range: 1 ..= {max} (the BPF verifier's instruction limit)",
-        max = MAX_HEAD_CHUNKS * STRIDE
+        "max line bytes {0} is out of range: 1 ..= {MAX_LINE_BYTES} ({MAX_PARTS} BPF programs \
+         of {PART_BYTES} bytes)"
     )]
     LimitOutOfRange(usize),
 }
 
-/// A function to put a uretprobe on.
+/// A binary to probe, with the values (link-time addresses) of the symbols the script reads.
+/// At run time the entry program gets the binary's load offset as the probe's address minus
+/// `teardown`, and finds readline's globals from there.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ProbeTarget {
-    /// Canonical path of the ELF file that defines the function (bash, or libreadline.so).
+    /// Canonical path of the ELF file that defines readline (bash, or libreadline.so).
     pub binary: PathBuf,
-    pub symbol: String,
+    /// `readline_internal_teardown`.
+    pub teardown: u64,
+    /// `rl_end` (int: bytes in the line).
+    pub rl_end: u64,
+    /// `rl_line_buffer` (char *: the line).
+    pub rl_line_buffer: u64,
 }
 
 impl fmt::Display for ProbeTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "uretprobe:{}:{}", self.binary.display(), self.symbol)
+        write!(f, "uprobe:{}:{SYMBOL}", self.binary.display())
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct ReadlineOptions {
-    /// Lines up to this many bytes are captured whole (rounded up to whole chunks of
-    /// [`STRIDE`] bytes); longer ones are cut, flagged, with their length and their tail.
+    /// Lines up to this many bytes (rounded up to whole chunks of [`CHUNK`] bytes) are
+    /// captured whole; longer ones are cut, flagged, with their exact length and their last
+    /// [`TAIL_BYTES`].
     pub max_line_bytes: usize,
     /// Records of a line still incomplete after this long are given up as malformed.
     pub stale_after: Duration,
@@ -106,39 +125,59 @@ pub struct ReadlineOptions {
 impl Default for ReadlineOptions {
     fn default() -> Self {
         ReadlineOptions {
-            max_line_bytes: 16384,
+            max_line_bytes: DEFAULT_MAX_LINE_BYTES,
             stale_after: Duration::from_secs(5),
         }
     }
 }
 
 impl ReadlineOptions {
-    /// Head chunks the script must read for `max_line_bytes`.
-    pub fn head_chunks(&self) -> Result<usize, ReadlineError> {
-        let n = self.max_line_bytes.div_ceil(STRIDE);
-        if n == 0 || n > MAX_HEAD_CHUNKS {
+    /// The script's `HEAD_BYTES`: `max_line_bytes` rounded up to whole chunks.
+    pub fn head_bytes(&self) -> Result<usize, ReadlineError> {
+        if self.max_line_bytes == 0 || self.max_line_bytes > MAX_LINE_BYTES {
             return Err(ReadlineError::LimitOutOfRange(self.max_line_bytes));
         }
-        Ok(n)
+        Ok(self.max_line_bytes.div_ceil(CHUNK) * CHUNK)
+    }
+
+    /// How many head programs the script needs.
+    pub fn parts(&self) -> Result<usize, ReadlineError> {
+        Ok(self.head_bytes()?.div_ceil(PART_BYTES))
+    }
+
+    /// Pages per CPU for bpftrace's perf buffer: every chunk of the longest line (head and
+    /// tail) may be printed on one CPU before bpftrace reads any of it. Rounded up to a power
+    /// of two (the kernel's requirement), and never below bpftrace's default of 64.
+    pub fn perf_rb_pages(&self) -> Result<usize, ReadlineError> {
+        // A chunk record: printf id, tid, line id, offset and a 200-byte buffer, plus the
+        // perf sample header; 256 bytes is a safe round figure (measured struct: 241).
+        let records = (self.head_bytes()? + TAIL_BYTES).div_ceil(CHUNK) + 1;
+        let bytes = records * 256;
+        Ok(bytes.div_ceil(4096).next_power_of_two().max(64))
     }
 }
 
-/// Does this script speak the bashreadline chunk protocol?
+/// Does this script speak the bashreadline protocol?
 pub fn is_readline_script(text: &str) -> bool {
     text.lines().any(|l| l.trim_end() == PROTOCOL_MARKER)
 }
 
-/// Environment for the bpftrace child. `BPFTRACE_STR_TRUNC_TRAILER` is empty so that 0.18+
-/// does not append `..` to every full chunk.
-pub fn bpftrace_env(_opts: &ReadlineOptions) -> Vec<(String, String)> {
-    vec![
+/// Environment for the bpftrace child. Both names of the string-size variable are set (0.20
+/// renamed it); `BPFTRACE_STR_TRUNC_TRAILER` is empty so that 0.18+ adds no `..` to strings.
+pub fn bpftrace_env(opts: &ReadlineOptions) -> Result<Vec<(String, String)>, ReadlineError> {
+    Ok(vec![
         ("BPFTRACE_STRLEN".into(), STRLEN.to_string()),
+        ("BPFTRACE_MAX_STRLEN".into(), STRLEN.to_string()),
         ("BPFTRACE_STR_TRUNC_TRAILER".into(), String::new()),
-    ]
+        (
+            "BPFTRACE_PERF_RB_PAGES".into(),
+            opts.perf_rb_pages()?.to_string(),
+        ),
+    ])
 }
 
-/// Arguments for the bpftrace child, before the script path: JSON mode keeps newlines that
-/// were typed into a line inside one record.
+/// Arguments for the bpftrace child, before the script path: JSON mode keeps whatever bytes
+/// a task's name holds inside one record.
 pub fn bpftrace_args() -> Vec<String> {
     vec!["-f".into(), "json".into()]
 }
@@ -171,10 +210,10 @@ pub fn default_shells() -> Vec<PathBuf> {
     out
 }
 
-/// Finds, for each shell, the binary that defines the readline functions: the shell itself
-/// (Debian, Ubuntu, Fedora build readline in) or the libreadline it loads (Arch, Alpine,
-/// openSUSE). Per binary the best symbol of [`SYMBOLS`] is chosen. Shells that do not exist
-/// are skipped; when nothing at all can be probed, the error says what was found where.
+/// Finds, for each shell, the binary that defines readline: the shell itself (Debian, Ubuntu,
+/// Fedora build readline in) or the libreadline it loads (Arch, Alpine, openSUSE), with the
+/// values of [`SYMBOL`] and [`DATA_SYMBOLS`]. Shells that do not exist are skipped; when
+/// nothing at all can be probed, the error says what was found where.
 pub fn locate_targets(shells: &[PathBuf]) -> Result<Vec<ProbeTarget>, ReadlineError> {
     let mut out: Vec<ProbeTarget> = Vec::new();
     let mut notes = Vec::new();
@@ -184,37 +223,30 @@ pub fn locate_targets(shells: &[PathBuf]) -> Result<Vec<ProbeTarget>, ReadlineEr
             continue;
         };
         let info = elf_info(&real)?;
-        let target = match best_symbol(&info.functions) {
-            Some(sym) => Some(ProbeTarget {
-                binary: real.clone(),
-                symbol: sym.into(),
-            }),
-            None => {
-                let mut found = None;
-                for lib in info.needed.iter().filter(|n| n.contains("readline")) {
-                    let Some(path) = find_library(lib) else {
-                        notes.push(format!("{}: needs {lib}, not found", real.display()));
-                        continue;
-                    };
-                    let lib_info = elf_info(&path)?;
-                    if let Some(sym) = best_symbol(&lib_info.functions) {
-                        found = Some(ProbeTarget {
-                            binary: path,
-                            symbol: sym.into(),
-                        });
-                        break;
-                    }
-                    notes.push(format!("{}: defines no readline function", path.display()));
-                }
-                if found.is_none() {
-                    notes.push(format!(
-                        "{}: defines no readline function and loads no libreadline that does",
-                        real.display()
-                    ));
-                }
-                found
+        let mut target = info.target(&real);
+        if target.is_none() {
+            if info.defines(SYMBOL) {
+                notes.push(info.missing_note(&real));
             }
-        };
+            for lib in info.needed.iter().filter(|n| n.contains("readline")) {
+                let Some(path) = find_library(lib) else {
+                    notes.push(format!("{}: needs {lib}, not found", real.display()));
+                    continue;
+                };
+                let lib_info = elf_info(&path)?;
+                target = lib_info.target(&path);
+                if target.is_some() {
+                    break;
+                }
+                notes.push(lib_info.missing_note(&path));
+            }
+            if target.is_none() && !info.defines(SYMBOL) {
+                notes.push(format!(
+                    "{}: does not define {SYMBOL} and loads no libreadline that does",
+                    real.display()
+                ));
+            }
+        }
         if let Some(t) = target {
             if !out.contains(&t) {
                 out.push(t);
@@ -230,21 +262,64 @@ pub fn locate_targets(shells: &[PathBuf]) -> Result<Vec<ProbeTarget>, ReadlineEr
     Ok(out)
 }
 
-fn best_symbol(functions: &[String]) -> Option<&'static str> {
-    SYMBOLS
-        .into_iter()
-        .find(|s| functions.iter().any(|f| f == s))
-}
-
-/// What an ELF file offers to a uprobe: its defined dynamic functions, and the libraries it
-/// loads (`DT_NEEDED`).
+/// What an ELF file offers to the script: its defined dynamic symbols with their values, and
+/// the libraries it loads (`DT_NEEDED`).
 #[derive(Debug, Clone, Default)]
 pub struct ElfInfo {
-    pub functions: Vec<String>,
+    /// Defined FUNC symbols.
+    pub functions: Vec<(String, u64)>,
+    /// Defined data (OBJECT) symbols.
+    pub objects: Vec<(String, u64)>,
     pub needed: Vec<String>,
 }
 
-/// Reads the defined FUNC dynamic symbols and `DT_NEEDED` entries of an ELF file.
+impl ElfInfo {
+    fn function(&self, name: &str) -> Option<u64> {
+        self.functions
+            .iter()
+            .find_map(|(n, v)| (n == name).then_some(*v))
+    }
+
+    fn object(&self, name: &str) -> Option<u64> {
+        self.objects
+            .iter()
+            .find_map(|(n, v)| (n == name).then_some(*v))
+    }
+
+    /// Defines the function `name`.
+    pub fn defines(&self, name: &str) -> bool {
+        self.function(name).is_some()
+    }
+
+    /// The probe target, when the file defines everything the script reads.
+    pub fn target(&self, path: &Path) -> Option<ProbeTarget> {
+        Some(ProbeTarget {
+            binary: path.to_path_buf(),
+            teardown: self.function(SYMBOL)?,
+            rl_end: self.object(DATA_SYMBOLS[0])?,
+            rl_line_buffer: self.object(DATA_SYMBOLS[1])?,
+        })
+    }
+
+    fn missing_note(&self, path: &Path) -> String {
+        let mut missing = Vec::new();
+        if !self.defines(SYMBOL) {
+            missing.push(SYMBOL);
+        }
+        for d in DATA_SYMBOLS {
+            if self.object(d).is_none() {
+                missing.push(d);
+            }
+        }
+        format!(
+            "{}: does not export {} in its dynamic symbols",
+            path.display(),
+            missing.join(", ")
+        )
+    }
+}
+
+/// Reads the defined FUNC and OBJECT dynamic symbols and `DT_NEEDED` entries of an ELF file.
 pub fn elf_info(path: &Path) -> Result<ElfInfo, ReadlineError> {
     let data = std::fs::read(path).map_err(|source| ReadlineError::Io {
         path: path.to_path_buf(),
@@ -255,18 +330,25 @@ pub fn elf_info(path: &Path) -> Result<ElfInfo, ReadlineError> {
         source,
     };
     let file = object::File::parse(&*data).map_err(elf_err)?;
-    let functions = file
-        .dynamic_symbols()
-        .filter(|s| s.kind() == SymbolKind::Text && s.is_definition() && s.address() != 0)
-        .filter_map(|s| s.name().ok().map(str::to_owned))
-        .collect();
-    let needed = match &file {
+    let mut info = ElfInfo::default();
+    for s in file.dynamic_symbols() {
+        if !s.is_definition() || s.address() == 0 {
+            continue;
+        }
+        let Ok(name) = s.name() else { continue };
+        match s.kind() {
+            SymbolKind::Text => info.functions.push((name.to_owned(), s.address())),
+            SymbolKind::Data => info.objects.push((name.to_owned(), s.address())),
+            _ => {}
+        }
+    }
+    info.needed = match &file {
         object::File::Elf64(f) => needed_libs(f),
         object::File::Elf32(f) => needed_libs(f),
         _ => return Err(ReadlineError::NotElf(path.to_path_buf())),
     }
     .map_err(elf_err)?;
-    Ok(ElfInfo { functions, needed })
+    Ok(info)
 }
 
 fn needed_libs<Elf: FileHeader>(f: &ElfFile<'_, Elf>) -> object::Result<Vec<String>> {
@@ -343,10 +425,14 @@ fn ld_so_conf_dirs(conf: &Path, depth: u32) -> Vec<PathBuf> {
     dirs
 }
 
-/// Instantiates the bashreadline script for `targets` and `opts`: the attach point line after
-/// each `// bt2immu:targets` marker becomes one attach point per target, and
-/// `#define HEAD_CHUNKS` is set from `opts.max_line_bytes`. The template itself is a working
-/// script for `/bin/bash`, so it can also be run by hand.
+/// Instantiates the bashreadline script for `targets` and `opts`:
+/// - the entry block (`// bt2immu:entry-begin` … `-end`) is written once per target, its
+///   attach point set to the target and `TEARDOWN_SYM`, `RL_END_SYM`, `RL_LINE_BUFFER_SYM`
+///   replaced by the target's symbol values;
+/// - the head part block (`// bt2immu:part-begin` … `-end`) is written once per part, with
+///   `PART_INDEX` replaced by 0, 1, …;
+/// - the attach point after each `// bt2immu:targets` becomes one return probe per target;
+/// - `#define HEAD_BYTES` is set from `opts`, and `#define RENDERED` to 1.
 pub fn render_script(
     template: &str,
     targets: &[ProbeTarget],
@@ -358,8 +444,9 @@ pub fn render_script(
     if targets.is_empty() {
         return Err(ReadlineError::NoTargets("no targets given".into()));
     }
-    let head_chunks = opts.head_chunks()?;
-    let mut points = Vec::new();
+    let head_bytes = opts.head_bytes()?;
+    let parts = opts.parts()?;
+    let mut paths = Vec::new();
     for t in targets {
         let path = t.binary.to_string_lossy().into_owned();
         let path_ok = path.starts_with('/')
@@ -369,25 +456,83 @@ pub fn render_script(
         if !path_ok {
             return Err(ReadlineError::UnsafeTarget(path));
         }
-        if t.symbol.is_empty()
-            || !t
-                .symbol
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
-        {
-            return Err(ReadlineError::UnsafeTarget(t.symbol.clone()));
-        }
-        points.push(format!("uretprobe:{path}:{}", t.symbol));
+        paths.push(path);
     }
-    let attach = points.join(",\n");
+    let returns = paths
+        .iter()
+        .map(|p| format!("uretprobe:{p}:{SYMBOL}"))
+        .collect::<Vec<_>>()
+        .join(",\n");
 
-    let mut out = String::with_capacity(template.len() + 256);
-    let mut markers = 0;
+    // First the blocks that are repeated.
+    let lines: Vec<&str> = template.lines().collect();
+    let mut expanded: Vec<String> = Vec::with_capacity(lines.len() * 2);
+    let (mut entry_blocks, mut part_blocks) = (0, 0);
+    let mut i = 0;
+    while i < lines.len() {
+        let marker = lines[i].trim_end();
+        let (end_marker, kind) = match marker {
+            ENTRY_BEGIN => (ENTRY_END, ENTRY_BEGIN),
+            PART_BEGIN => (PART_END, PART_BEGIN),
+            _ => {
+                expanded.push(lines[i].to_string());
+                i += 1;
+                continue;
+            }
+        };
+        let len = lines[i + 1..]
+            .iter()
+            .position(|l| l.trim_end() == end_marker)
+            .ok_or(ReadlineError::NoBlock(kind))?;
+        let block = &lines[i + 1..i + 1 + len];
+        if kind == ENTRY_BEGIN {
+            entry_blocks += 1;
+            let attach = block
+                .iter()
+                .position(|l| !l.trim().is_empty() && !l.trim_start().starts_with("//"))
+                .ok_or(ReadlineError::NoBlock(ENTRY_BEGIN))?;
+            for (t, path) in targets.iter().zip(&paths) {
+                for (j, l) in block.iter().enumerate() {
+                    if j == attach {
+                        expanded.push(format!("uprobe:{path}:{SYMBOL}"));
+                        continue;
+                    }
+                    let mut l = replace_word(l, "TEARDOWN_SYM", &format!("{:#x}", t.teardown));
+                    l = replace_word(&l, "RL_END_SYM", &format!("{:#x}", t.rl_end));
+                    l = replace_word(
+                        &l,
+                        "RL_LINE_BUFFER_SYM",
+                        &format!("{:#x}", t.rl_line_buffer),
+                    );
+                    expanded.push(l);
+                }
+                expanded.push(String::new());
+            }
+        } else {
+            part_blocks += 1;
+            for k in 0..parts {
+                for l in block {
+                    expanded.push(replace_word(l, "PART_INDEX", &k.to_string()));
+                }
+                expanded.push(String::new());
+            }
+        }
+        i += len + 2;
+    }
+    if entry_blocks != 1 {
+        return Err(ReadlineError::NoBlock(ENTRY_BEGIN));
+    }
+    if part_blocks != 1 {
+        return Err(ReadlineError::NoBlock(PART_BEGIN));
+    }
+
+    // Then the return attach points and the parameters.
+    let mut out = String::with_capacity(template.len() * 2);
+    let (mut markers, mut head_defines, mut rendered_defines) = (0, 0, 0);
     let mut replace_next = false;
-    let mut defines = 0;
-    for line in template.lines() {
+    for line in &expanded {
         if replace_next && !line.trim().is_empty() {
-            out.push_str(&attach);
+            out.push_str(&returns);
             out.push('\n');
             replace_next = false;
             continue;
@@ -395,21 +540,47 @@ pub fn render_script(
         if line.trim_end() == TARGETS_MARKER {
             markers += 1;
             replace_next = true;
-        } else if line.starts_with("#define HEAD_CHUNKS ") {
-            defines += 1;
-            out.push_str(&format!("#define HEAD_CHUNKS {head_chunks}\n"));
+        } else if line.starts_with("#define HEAD_BYTES ") {
+            head_defines += 1;
+            out.push_str(&format!("#define HEAD_BYTES {head_bytes}\n"));
+            continue;
+        } else if line.starts_with("#define RENDERED ") {
+            rendered_defines += 1;
+            out.push_str("#define RENDERED 1\n");
             continue;
         }
         out.push_str(line);
         out.push('\n');
     }
     if markers == 0 || replace_next {
-        return Err(ReadlineError::NoTargetMarker);
+        return Err(ReadlineError::NoBlock(TARGETS_MARKER));
     }
-    if defines != 1 {
-        return Err(ReadlineError::NoParam("HEAD_CHUNKS"));
+    if head_defines != 1 {
+        return Err(ReadlineError::NoParam("HEAD_BYTES"));
+    }
+    if rendered_defines != 1 {
+        return Err(ReadlineError::NoParam("RENDERED"));
     }
     Ok(out)
+}
+
+/// Replaces `word` where it stands as a whole identifier.
+fn replace_word(line: &str, word: &str, with: &str) -> String {
+    let is_ident = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+    let bytes = line.as_bytes();
+    let mut out = String::with_capacity(line.len());
+    let mut i = 0;
+    while let Some(pos) = line[i..].find(word) {
+        let start = i + pos;
+        let end = start + word.len();
+        let before_ok = start == 0 || !is_ident(bytes[start - 1]);
+        let after_ok = end == bytes.len() || !is_ident(bytes[end]);
+        out.push_str(&line[i..start]);
+        out.push_str(if before_ok && after_ok { with } else { word });
+        i = end;
+    }
+    out.push_str(&line[i..]);
+    out
 }
 
 /// One line typed into a shell, put back together from the protocol's records.
@@ -429,18 +600,17 @@ pub struct ReadlineLine {
     pub comm: Vec<u8>,
     /// cgroup v2 id.
     pub cgroup: u64,
-    /// Monotonic nanoseconds (CLOCK_MONOTONIC) when the line was read.
+    /// Monotonic nanoseconds (CLOCK_MONOTONIC) when the line was accepted.
     pub nsecs: u64,
-    /// The attach point that fired, e.g. `uretprobe:/usr/bin/bash:readline_internal_teardown`.
+    /// The attach point that fired, e.g. `uprobe:/usr/bin/bash:readline_internal_teardown`.
     pub probe: String,
     /// The line's bytes; when `truncated`, its head only.
     pub line: Vec<u8>,
-    /// The real length of the line in bytes (a lower bound when `len_is_lower_bound`).
+    /// The exact length of the line in bytes.
     pub len: u64,
-    pub len_is_lower_bound: bool,
     pub truncated: bool,
-    /// For a cut line: its last bytes (from `tail_offset`), so padding in front of a command
-    /// cannot push the command out of the record.
+    /// For a cut line: its last bytes (from `tail_offset` to the end), so padding in front
+    /// of a command cannot push the command out of the record.
     pub tail: Option<Vec<u8>>,
     pub tail_offset: Option<u64>,
     /// The shell read end-of-file (Ctrl-D on an empty line); `line` is empty.
@@ -457,54 +627,47 @@ pub enum AssembledEvent {
     },
 }
 
-/// The parameters the script announced in its `B` record once attached.
+/// The chunk layout the script announced in its `B` record once attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Announced {
-    pub stride: u64,
-    pub head_chunks: u64,
-    pub scan_chunks: u64,
+    pub chunk: u64,
+    pub head_bytes: u64,
+    pub tail_bytes: u64,
 }
 
-#[derive(Debug, Clone)]
-struct Chunk {
-    off: u64,
-    data: Vec<u8>,
-}
-
-/// C records since the last E, or T records since the last F, of one task.
-#[derive(Debug, Default)]
-struct Open {
-    chunks: Vec<Chunk>,
-    raws: Vec<Vec<u8>>,
-    at: Option<Instant>,
-}
-
-#[derive(Debug)]
-struct Head {
-    ptr: u64,
-    nsecs: u64,
-    nchunks: u64,
-    cut: bool,
-    chunks: Vec<Chunk>,
-    raws: Vec<Vec<u8>>,
-    at: Instant,
-}
-
-#[derive(Debug)]
-struct Tail {
-    ptr: u64,
-    nsecs: u64,
-    nscanned: u64,
-    found: bool,
-    chunks: Vec<Chunk>,
-    raws: Vec<Vec<u8>>,
-    at: Instant,
+impl Announced {
+    /// Which chunks (offset, size) make a line of `len` bytes, in order; and where its tail
+    /// starts when it is cut. Mirrors the script's three kinds of return programs.
+    fn layout(&self, len: u64) -> (Vec<(u64, u64)>, Option<u64>) {
+        let c = self.chunk;
+        let full_end = len - len % c;
+        let mut out = Vec::new();
+        let mut tail_start = None;
+        if len <= self.head_bytes {
+            out.extend((0..full_end).step_by(c as usize).map(|o| (o, c)));
+        } else {
+            out.extend((0..self.head_bytes).step_by(c as usize).map(|o| (o, c)));
+            let t0 = if full_end > self.head_bytes + self.tail_bytes {
+                full_end - self.tail_bytes
+            } else {
+                self.head_bytes
+            };
+            out.extend((t0..full_end).step_by(c as usize).map(|o| (o, c)));
+            tail_start = Some(t0);
+        }
+        if full_end < len {
+            out.push((full_end, len - full_end));
+        }
+        (out, tail_start)
+    }
 }
 
 #[derive(Debug)]
 struct Prov {
-    ptr: u64,
-    nsecs: u64,
+    pid: u64,
+    stored: bool,
+    eof: bool,
+    len: u64,
     ppid: u64,
     uid: u32,
     gid: u32,
@@ -514,44 +677,72 @@ struct Prov {
     probe: String,
     tty: Vec<u8>,
     comm: Vec<u8>,
-    raw: Vec<u8>,
-    at: Instant,
 }
 
-#[derive(Debug, Default)]
-struct Task {
-    open_head: Open,
-    open_tail: Open,
-    heads: VecDeque<Head>,
-    tails: VecDeque<Tail>,
-    provs: VecDeque<Prov>,
+/// The records of one line (one task, one id) so far.
+#[derive(Debug)]
+struct Pending {
+    prov: Option<Prov>,
+    /// Chunk bytes by offset.
+    chunks: BTreeMap<u64, Vec<u8>>,
+    /// Once the length is known: the chunks that make the line (offset → size).
+    expected: Option<BTreeMap<u64, u64>>,
+    tail_start: Option<u64>,
+    raws: Vec<Vec<u8>>,
+    since: Instant,
+    problem: Option<String>,
 }
 
-impl Task {
-    fn is_empty(&self) -> bool {
-        self.open_head.raws.is_empty()
-            && self.open_tail.raws.is_empty()
-            && self.heads.is_empty()
-            && self.tails.is_empty()
-            && self.provs.is_empty()
+impl Pending {
+    fn new(now: Instant) -> Self {
+        Pending {
+            prov: None,
+            chunks: BTreeMap::new(),
+            expected: None,
+            tail_start: None,
+            raws: Vec::new(),
+            since: now,
+            problem: None,
+        }
+    }
+
+    fn check_chunk(&mut self, off: u64, size: u64) {
+        if let Some(exp) = &self.expected {
+            if self.problem.is_none() && exp.get(&off) != Some(&size) {
+                self.problem = Some(format!(
+                    "a {size}-byte chunk at offset {off} is not part of a {}-byte line",
+                    self.prov.as_ref().map_or(0, |p| p.len)
+                ));
+            }
+        }
     }
 }
 
 /// Reassembles the protocol's records (one decoded output line at a time) into
-/// [`ReadlineLine`]s, per task, whatever order the three programs' records arrive in.
+/// [`ReadlineLine`]s, whatever order the programs' records arrive in.
 #[derive(Debug)]
 pub struct Assembler {
     opts: ReadlineOptions,
-    tasks: BTreeMap<(u64, u64), Task>,
     announced: Option<Announced>,
+    /// Lines in flight by (tid, id).
+    pending: BTreeMap<(u64, u64), Pending>,
+    /// Lines already put together or given up on, so that a late duplicate is not taken for
+    /// the start of a new line. Bounded: ids are forgotten oldest first.
+    done: HashSet<(u64, u64)>,
+    done_order: std::collections::VecDeque<(u64, u64)>,
 }
+
+/// How many finished line ids are remembered.
+const DONE_MEMORY: usize = 4096;
 
 impl Assembler {
     pub fn new(opts: ReadlineOptions) -> Self {
         Assembler {
             opts,
-            tasks: BTreeMap::new(),
             announced: None,
+            pending: BTreeMap::new(),
+            done: HashSet::new(),
+            done_order: std::collections::VecDeque::new(),
         }
     }
 
@@ -562,6 +753,20 @@ impl Assembler {
     /// What the script announced when it was attached (`None` before its `B` record).
     pub fn announced(&self) -> Option<Announced> {
         self.announced
+    }
+
+    /// The layout in force: as announced, or (before the `B` record, e.g. a line accepted
+    /// while the probes were still attaching) as configured.
+    fn layout(&self) -> Announced {
+        self.announced.unwrap_or(Announced {
+            chunk: CHUNK as u64,
+            head_bytes: self
+                .opts
+                .head_bytes()
+                .unwrap_or(DEFAULT_MAX_LINE_BYTES.div_ceil(CHUNK) * CHUNK)
+                as u64,
+            tail_bytes: TAIL_BYTES as u64,
+        })
     }
 
     /// Takes one output line (the record without its final newline).
@@ -579,90 +784,140 @@ impl Assembler {
                 return out;
             }
         };
-        let raw = line.to_vec();
-        match rec {
-            Record::Begin(a) => self.announced = Some(a),
-            Record::Chunk {
-                pid,
-                tid,
-                off,
-                data,
-                tail,
-            } => {
-                let task = self.tasks.entry((pid, tid)).or_default();
-                let open = if tail {
-                    &mut task.open_tail
+        let key = match rec {
+            Record::Begin(a) => {
+                self.announced = Some(a);
+                return out;
+            }
+            Record::Missing { pid, tid } => {
+                out.push(malformed(
+                    vec![line.to_vec()],
+                    format!(
+                        "pid {pid} tid {tid}: a line returned without its entry record (the \
+                         probes attached between the two); its bytes were not captured"
+                    ),
+                ));
+                return out;
+            }
+            Record::Unrendered => {
+                out.push(malformed(
+                    vec![line.to_vec()],
+                    "the script ran without bt2immu filling in the readline symbol addresses; \
+                     nothing was captured",
+                ));
+                return out;
+            }
+            Record::Prov(tid, id, p) => {
+                let key = (tid, id);
+                if self.done.contains(&key) {
+                    out.push(malformed(
+                        vec![line.to_vec()],
+                        format!("tid {tid}: a second P record for line {id}"),
+                    ));
+                    return out;
+                }
+                let layout = self.layout();
+                let pend = self.pending.entry(key).or_insert_with(|| Pending::new(now));
+                pend.raws.push(line.to_vec());
+                if pend.prov.is_some() {
+                    pend.problem.get_or_insert_with(|| {
+                        format!("tid {tid}: a second P record for line {id}")
+                    });
                 } else {
-                    &mut task.open_head
-                };
-                open.chunks.push(Chunk { off, data });
-                open.raws.push(raw);
-                open.at = Some(now);
+                    let (chunks, tail_start) = if p.eof {
+                        (Vec::new(), None)
+                    } else {
+                        layout.layout(p.len)
+                    };
+                    if p.eof && p.len != 0 {
+                        pend.problem = Some(format!("tid {tid}: end-of-file with a length"));
+                    }
+                    pend.prov = Some(*p);
+                    pend.expected = Some(chunks.into_iter().collect());
+                    pend.tail_start = tail_start;
+                    let arrived: Vec<(u64, u64)> = pend
+                        .chunks
+                        .iter()
+                        .map(|(o, d)| (*o, d.len() as u64))
+                        .collect();
+                    for (o, s) in arrived {
+                        pend.check_chunk(o, s);
+                    }
+                }
+                key
             }
-            Record::End {
-                pid,
-                tid,
-                ptr,
-                nsecs,
-                nchunks,
-                cut,
-            } => {
-                let task = self.tasks.entry((pid, tid)).or_default();
-                let open = std::mem::take(&mut task.open_head);
-                let mut raws = open.raws;
-                raws.push(raw);
-                task.heads.push_back(Head {
-                    ptr,
-                    nsecs,
-                    nchunks,
-                    cut,
-                    chunks: open.chunks,
-                    raws,
-                    at: now,
-                });
+            Record::Chunk { tid, id, off, data } => {
+                let key = (tid, id);
+                if self.done.contains(&key) {
+                    out.push(malformed(
+                        vec![line.to_vec()],
+                        format!("tid {tid}: a chunk at offset {off} of line {id}, which was already complete"),
+                    ));
+                    return out;
+                }
+                let pend = self.pending.entry(key).or_insert_with(|| Pending::new(now));
+                pend.raws.push(line.to_vec());
+                let size = data.len() as u64;
+                if pend.chunks.insert(off, data).is_some() {
+                    pend.problem
+                        .get_or_insert_with(|| format!("tid {tid}: chunk at offset {off} twice"));
+                }
+                pend.check_chunk(off, size);
+                key
             }
-            Record::TailEnd {
-                pid,
-                tid,
-                ptr,
-                nsecs,
-                nscanned,
-                found,
-            } => {
-                let task = self.tasks.entry((pid, tid)).or_default();
-                let open = std::mem::take(&mut task.open_tail);
-                let mut raws = open.raws;
-                raws.push(raw);
-                task.tails.push_back(Tail {
-                    ptr,
-                    nsecs,
-                    nscanned,
-                    found,
-                    chunks: open.chunks,
-                    raws,
-                    at: now,
-                });
-            }
-            Record::Prov(mut p, pid, tid) => {
-                p.raw = raw;
-                p.at = now;
-                self.tasks
-                    .entry((pid, tid))
-                    .or_default()
-                    .provs
-                    .push_back(*p);
-            }
-        }
-        self.complete_all(&mut out);
+        };
+        self.try_complete(key, &mut out);
         out
     }
 
-    /// Gives up on records that have waited longer than `stale_after` for the rest of their
-    /// line: they come out as [`AssembledEvent::Malformed`], flagged, with all their bytes.
+    fn try_complete(&mut self, key: (u64, u64), out: &mut Vec<AssembledEvent>) {
+        let Some(pend) = self.pending.get(&key) else {
+            return;
+        };
+        let (tid, id) = key;
+        if let Some(problem) = &pend.problem {
+            let reason = format!("tid {tid} line {id}: {problem}");
+            let pend = self.finish_key(key);
+            out.push(malformed(pend.raws, reason));
+            return;
+        }
+        let (Some(prov), Some(expected)) = (&pend.prov, &pend.expected) else {
+            return;
+        };
+        if !prov.stored && prov.len > 0 {
+            let reason = format!(
+                "pid {} tid {tid}: a {}-byte line was not handed to the programs that read it \
+                 (the map of lines in flight is full); its bytes were not captured",
+                prov.pid, prov.len
+            );
+            let pend = self.finish_key(key);
+            out.push(malformed(pend.raws, reason));
+            return;
+        }
+        if pend.chunks.len() < expected.len() {
+            return;
+        }
+        let pend = self.finish_key(key);
+        out.push(assemble(tid, id, pend));
+    }
+
+    fn finish_key(&mut self, key: (u64, u64)) -> Pending {
+        if self.done.insert(key) {
+            self.done_order.push_back(key);
+            if self.done_order.len() > DONE_MEMORY {
+                if let Some(old) = self.done_order.pop_front() {
+                    self.done.remove(&old);
+                }
+            }
+        }
+        self.pending.remove(&key).expect("pending line exists")
+    }
+
+    /// Gives up on lines that have waited longer than `stale_after` for the rest of their
+    /// records: they come out as [`AssembledEvent::Malformed`], flagged, with all their bytes.
     pub fn flush_stale(&mut self, now: Instant) -> Vec<AssembledEvent> {
         let stale_after = self.opts.stale_after;
-        let is_stale = |at: Instant| now.saturating_duration_since(at) >= stale_after;
-        self.flush(is_stale)
+        self.flush(|since| now.saturating_duration_since(since) >= stale_after)
     }
 
     /// End of stream: everything still pending comes out, flagged.
@@ -671,143 +926,49 @@ impl Assembler {
     }
 
     fn flush(&mut self, stale: impl Fn(Instant) -> bool) -> Vec<AssembledEvent> {
+        let keys: Vec<(u64, u64)> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| stale(p.since))
+            .map(|(k, _)| *k)
+            .collect();
         let mut out = Vec::new();
-        for ((pid, tid), task) in self.tasks.iter_mut() {
-            loop {
-                complete_task(*pid, *tid, task, &mut out);
-                let Some(h) = task.heads.front() else { break };
-                if !stale(h.at) {
-                    break;
-                }
-                let h = task.heads.pop_front().expect("front exists");
-                let why = if h.cut {
-                    "line's provenance (P) or tail (F) records never arrived"
-                } else {
-                    "line's provenance (P) record never arrived"
-                };
-                out.push(malformed(h.raws, format!("pid {pid} tid {tid}: {why}")));
-            }
-            // Without a head, provenance and tails can never complete.
-            while task.provs.front().is_some_and(|p| stale(p.at)) {
-                let p = task.provs.pop_front().expect("front exists");
-                out.push(malformed(
-                    vec![p.raw],
-                    format!("pid {pid} tid {tid}: provenance without the line's head records"),
-                ));
-            }
-            while task.tails.front().is_some_and(|t| stale(t.at)) {
-                let t = task.tails.pop_front().expect("front exists");
-                out.push(malformed(
-                    t.raws,
-                    format!("pid {pid} tid {tid}: tail without the line's head records"),
-                ));
-            }
-            for (open, what) in [(&mut task.open_head, "head"), (&mut task.open_tail, "tail")] {
-                if open.at.is_some_and(&stale) {
-                    let o = std::mem::take(open);
-                    out.push(malformed(
-                        o.raws,
-                        format!("pid {pid} tid {tid}: {what} chunks without their end record"),
-                    ));
-                }
-            }
+        for key in keys {
+            let pend = self.finish_key(key);
+            let (tid, id) = key;
+            let reason = match (&pend.prov, &pend.expected) {
+                (Some(p), Some(exp)) => format!(
+                    "pid {} tid {tid} line {id}: {} of the {} chunks of a {}-byte line arrived \
+                     (bpftrace lost events, or stopped)",
+                    p.pid,
+                    pend.chunks.len(),
+                    exp.len(),
+                    p.len
+                ),
+                _ => format!(
+                    "tid {tid} line {id}: {} chunks without the line's P record (lost, or \
+                     bpftrace stopped)",
+                    pend.chunks.len()
+                ),
+            };
+            out.push(malformed(pend.raws, reason));
         }
-        self.tasks.retain(|_, t| !t.is_empty());
         out
     }
-
-    fn complete_all(&mut self, out: &mut Vec<AssembledEvent>) {
-        for ((pid, tid), task) in self.tasks.iter_mut() {
-            complete_task(*pid, *tid, task, out);
-        }
-        self.tasks.retain(|_, t| !t.is_empty());
-    }
 }
 
-/// Emits every line of `task` whose head, provenance and (if cut) tail are all there, oldest
-/// first; records older than the line being completed that match no head are orphans.
-fn complete_task(pid: u64, tid: u64, task: &mut Task, out: &mut Vec<AssembledEvent>) {
-    while let Some(head) = task.heads.front() {
-        let near =
-            |ptr: u64, nsecs: u64| ptr == head.ptr && nsecs.abs_diff(head.nsecs) <= MATCH_WINDOW_NS;
-        // Each program's records of a task come in order, so a record of a *later* line
-        // from the same program means this line's record of that program was lost.
-        let later = |nsecs: u64| nsecs > head.nsecs.saturating_add(MATCH_WINDOW_NS);
-        let pi = task.provs.iter().position(|p| near(p.ptr, p.nsecs));
-        let ti = if head.cut {
-            task.tails.iter().position(|t| near(t.ptr, t.nsecs))
-        } else {
-            None
-        };
-        let prov_lost = pi.is_none() && task.provs.iter().any(|p| later(p.nsecs));
-        let tail_lost = head.cut && ti.is_none() && task.tails.iter().any(|t| later(t.nsecs));
-        if prov_lost || tail_lost {
-            let head = task.heads.pop_front().expect("front exists");
-            let what = if prov_lost {
-                "provenance (P)"
-            } else {
-                "tail (F)"
-            };
-            out.push(malformed(
-                head.raws,
-                format!("pid {pid} tid {tid}: line's {what} record never arrived"),
-            ));
-            continue;
+fn assemble(tid: u64, id: u64, pend: Pending) -> AssembledEvent {
+    let prov = pend.prov.expect("complete line has provenance");
+    let mut line = Vec::new();
+    let mut tail: Option<Vec<u8>> = None;
+    for (off, data) in pend.chunks {
+        match pend.tail_start {
+            Some(t0) if off >= t0 => tail.get_or_insert_with(Vec::new).extend_from_slice(&data),
+            _ => line.extend_from_slice(&data),
         }
-        let Some(pi) = pi else { break };
-        if head.cut && ti.is_none() {
-            break;
-        }
-        let head = task.heads.pop_front().expect("front exists");
-        // Provenance and tails before the matched ones belong to lines whose heads were lost.
-        for p in task.provs.drain(..pi) {
-            out.push(malformed(
-                vec![p.raw],
-                format!("pid {pid} tid {tid}: provenance without the line's head records"),
-            ));
-        }
-        let prov = task.provs.pop_front().expect("matched provenance");
-        let tail = match ti {
-            Some(i) => {
-                for t in task.tails.drain(..i) {
-                    out.push(malformed(
-                        t.raws,
-                        format!("pid {pid} tid {tid}: tail without the line's head records"),
-                    ));
-                }
-                task.tails.pop_front()
-            }
-            None => None,
-        };
-        out.push(assemble(pid, tid, head, prov, tail));
     }
-}
-
-fn assemble(pid: u64, tid: u64, head: Head, prov: Prov, tail: Option<Tail>) -> AssembledEvent {
-    let mut raws = head.raws.clone();
-    raws.push(prov.raw.clone());
-    if let Some(t) = &tail {
-        raws.extend(t.raws.iter().cloned());
-    }
-    let bad = |reason: String| malformed(raws.clone(), format!("pid {pid} tid {tid}: {reason}"));
-
-    if head.ptr == 0 {
-        if head.nchunks != 0 || !head.chunks.is_empty() {
-            return bad("EOF record with chunks".into());
-        }
-    } else if head.nchunks as usize != head.chunks.len() {
-        return bad(format!(
-            "head announced {} chunks, {} arrived",
-            head.nchunks,
-            head.chunks.len()
-        ));
-    }
-    let line = match join_chunks(&head.chunks, !head.cut) {
-        Ok(l) => l,
-        Err(e) => return bad(format!("head: {e}")),
-    };
-    let mut ev = ReadlineLine {
-        pid,
+    AssembledEvent::Line(ReadlineLine {
+        pid: prov.pid,
         tid,
         ppid: prov.ppid,
         uid: prov.uid,
@@ -817,75 +978,15 @@ fn assemble(pid: u64, tid: u64, head: Head, prov: Prov, tail: Option<Tail>) -> A
         tty: prov.tty,
         comm: prov.comm,
         cgroup: prov.cgroup,
-        nsecs: prov.nsecs,
+        nsecs: id,
         probe: prov.probe,
-        len: line.len() as u64,
         line,
-        len_is_lower_bound: false,
-        truncated: head.cut,
-        tail: None,
-        tail_offset: None,
-        eof: head.ptr == 0,
-    };
-    if let Some(t) = tail {
-        let Some(first) = t.chunks.first() else {
-            return bad("tail end record without tail chunks".into());
-        };
-        let tail_off = first.off;
-        let bytes = match join_chunks_from(&t.chunks, tail_off, t.found) {
-            Ok(b) => b,
-            Err(e) => return bad(format!("tail: {e}")),
-        };
-        let stride = t.chunks[0].data.len() as u64;
-        if t.found {
-            ev.len = tail_off + bytes.len() as u64;
-        } else {
-            ev.len = t.nscanned * stride + 1;
-            ev.len_is_lower_bound = true;
-        }
-        if ev.len < ev.line.len() as u64 {
-            return bad("tail ends before the head".into());
-        }
-        ev.tail = Some(bytes);
-        ev.tail_offset = Some(tail_off);
-    }
-    AssembledEvent::Line(ev)
-}
-
-/// Joins chunks that must start at 0 and follow each other without a gap.
-fn join_chunks(chunks: &[Chunk], last_may_be_short: bool) -> Result<Vec<u8>, String> {
-    join_chunks_from(chunks, 0, last_may_be_short)
-}
-
-/// Every chunk must start where the previous one ended, and every chunk but the last must be
-/// as long as the first (a full stride); a missing chunk shows up as a jump in the offsets.
-fn join_chunks_from(
-    chunks: &[Chunk],
-    start: u64,
-    last_may_be_short: bool,
-) -> Result<Vec<u8>, String> {
-    let mut out = Vec::new();
-    let mut next = start;
-    let full = chunks.first().map_or(0, |c| c.data.len());
-    for (i, c) in chunks.iter().enumerate() {
-        if c.off != next {
-            return Err(format!(
-                "chunk at offset {} where {} was expected",
-                c.off, next
-            ));
-        }
-        let is_last = i + 1 == chunks.len();
-        if c.data.len() != full && !(is_last && last_may_be_short && c.data.len() < full) {
-            return Err(format!(
-                "chunk at offset {} has {} bytes, not {full}",
-                c.off,
-                c.data.len()
-            ));
-        }
-        out.extend_from_slice(&c.data);
-        next += c.data.len() as u64;
-    }
-    Ok(out)
+        len: prov.len,
+        truncated: pend.tail_start.is_some(),
+        tail_offset: pend.tail_start,
+        tail,
+        eof: prov.eof,
+    })
 }
 
 fn malformed(raws: Vec<Vec<u8>>, reason: impl Into<String>) -> AssembledEvent {
@@ -897,30 +998,18 @@ fn malformed(raws: Vec<Vec<u8>>, reason: impl Into<String>) -> AssembledEvent {
 
 enum Record {
     Begin(Announced),
+    Prov(u64, u64, Box<Prov>),
     Chunk {
-        pid: u64,
         tid: u64,
+        id: u64,
         off: u64,
         data: Vec<u8>,
-        tail: bool,
     },
-    End {
+    Missing {
         pid: u64,
         tid: u64,
-        ptr: u64,
-        nsecs: u64,
-        nchunks: u64,
-        cut: bool,
     },
-    TailEnd {
-        pid: u64,
-        tid: u64,
-        ptr: u64,
-        nsecs: u64,
-        nscanned: u64,
-        found: bool,
-    },
-    Prov(Box<Prov>, u64, u64),
+    Unrendered,
 }
 
 /// Splits a record into exactly `n` fields on single spaces; the last field is the rest.
@@ -939,13 +1028,6 @@ fn num<T: std::str::FromStr>(f: &[u8], what: &str) -> Result<T, String> {
         .ok_or_else(|| format!("bad {what}: {:?}", String::from_utf8_lossy(f)))
 }
 
-fn hex(f: &[u8], what: &str) -> Result<u64, String> {
-    std::str::from_utf8(f)
-        .ok()
-        .and_then(|s| u64::from_str_radix(s, 16).ok())
-        .ok_or_else(|| format!("bad {what}: {:?}", String::from_utf8_lossy(f)))
-}
-
 fn flag(f: &[u8], what: &str) -> Result<bool, String> {
     match f {
         b"0" => Ok(false),
@@ -954,139 +1036,112 @@ fn flag(f: &[u8], what: &str) -> Result<bool, String> {
     }
 }
 
+/// Decodes bpftrace's `%rx`: `\xNN` for every byte.
+fn unhex(f: &[u8]) -> Result<Vec<u8>, String> {
+    if f.len() % 4 != 0 {
+        return Err(format!(
+            "chunk of {} characters is not \\xNN escapes",
+            f.len()
+        ));
+    }
+    let digit = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    f.chunks_exact(4)
+        .map(|q| match q {
+            [b'\\', b'x', h, l] => match (digit(*h), digit(*l)) {
+                (Some(h), Some(l)) => Ok(h << 4 | l),
+                _ => Err(format!("bad escape {:?}", String::from_utf8_lossy(q))),
+            },
+            _ => Err(format!("bad escape {:?}", String::from_utf8_lossy(q))),
+        })
+        .collect()
+}
+
 fn parse_record(line: &[u8]) -> Result<Record, String> {
     let body = line
         .strip_prefix(RECORD_PREFIX)
-        .ok_or("not a BT2I1 record")?;
+        .ok_or("not a BT2I2 record")?;
     let (kind, rest) = match body {
         [k, b' ', rest @ ..] => (*k, rest),
-        _ => return Err("BT2I1 record without a kind".into()),
+        _ => return Err("BT2I2 record without a kind".into()),
     };
-    let bad = |e: String| format!("BT2I1 {} record: {e}", kind as char);
+    let bad = |e: String| format!("BT2I2 {} record: {e}", kind as char);
     match kind {
         b'B' => {
             let f = fields(rest, 3).map_err(bad)?;
-            Ok(Record::Begin(Announced {
-                stride: num(f[0], "stride").map_err(bad)?,
-                head_chunks: num(f[1], "head chunks").map_err(bad)?,
-                scan_chunks: num(f[2], "scan chunks").map_err(bad)?,
-            }))
+            let a = Announced {
+                chunk: num(f[0], "chunk").map_err(bad)?,
+                head_bytes: num(f[1], "head bytes").map_err(bad)?,
+                tail_bytes: num(f[2], "tail bytes").map_err(bad)?,
+            };
+            let sane = a.chunk > 0
+                && a.chunk <= 4096
+                && a.head_bytes % a.chunk == 0
+                && a.tail_bytes % a.chunk == 0
+                && a.head_bytes > 0
+                && a.head_bytes as usize <= MAX_LINE_BYTES.div_ceil(CHUNK) * CHUNK
+                && a.tail_bytes as usize <= PART_BYTES;
+            if !sane {
+                return Err(bad(format!("layout out of range: {a:?}")));
+            }
+            Ok(Record::Begin(a))
         }
-        b'C' | b'T' => {
+        b'C' => {
             let f = fields(rest, 4).map_err(bad)?;
+            let data = unhex(f[3]).map_err(bad)?;
+            if data.is_empty() {
+                return Err(bad("empty chunk".into()));
+            }
             Ok(Record::Chunk {
+                tid: num(f[0], "tid").map_err(bad)?,
+                id: num(f[1], "id").map_err(bad)?,
+                off: num(f[2], "offset").map_err(bad)?,
+                data,
+            })
+        }
+        b'S' => {
+            let f = fields(rest, 4).map_err(bad)?;
+            let data = f[3].to_vec();
+            if data.is_empty() {
+                return Err(bad("empty chunk".into()));
+            }
+            Ok(Record::Chunk {
+                tid: num(f[0], "tid").map_err(bad)?,
+                id: num(f[1], "id").map_err(bad)?,
+                off: num(f[2], "offset").map_err(bad)?,
+                data,
+            })
+        }
+        b'M' => {
+            let f = fields(rest, 3).map_err(bad)?;
+            Ok(Record::Missing {
                 pid: num(f[0], "pid").map_err(bad)?,
                 tid: num(f[1], "tid").map_err(bad)?,
-                off: num(f[2], "offset").map_err(bad)?,
-                data: f[3].to_vec(),
-                tail: kind == b'T',
             })
         }
-        b'E' | b'F' => {
-            let f = fields(rest, 6).map_err(bad)?;
-            let (pid, tid) = (
-                num(f[0], "pid").map_err(bad)?,
-                num(f[1], "tid").map_err(bad)?,
-            );
-            let ptr = hex(f[2], "ptr").map_err(bad)?;
-            let nsecs = num(f[3], "nsecs").map_err(bad)?;
-            let count = num(f[4], "count").map_err(bad)?;
-            let yes = flag(f[5], "flag").map_err(bad)?;
-            Ok(if kind == b'E' {
-                Record::End {
-                    pid,
-                    tid,
-                    ptr,
-                    nsecs,
-                    nchunks: count,
-                    cut: yes,
-                }
-            } else {
-                Record::TailEnd {
-                    pid,
-                    tid,
-                    ptr,
-                    nsecs,
-                    nscanned: count,
-                    found: yes,
-                }
-            })
-        }
+        b'X' => Ok(Record::Unrendered),
         b'P' => {
-            let f = fields(rest, 13).map_err(bad)?;
+            let f = fields(rest, 15).map_err(bad)?;
             let p = Prov {
-                ptr: hex(f[2], "ptr").map_err(bad)?,
-                nsecs: num(f[3], "nsecs").map_err(bad)?,
-                ppid: num(f[4], "ppid").map_err(bad)?,
-                uid: num(f[5], "uid").map_err(bad)?,
-                gid: num(f[6], "gid").map_err(bad)?,
-                loginuid: num(f[7], "loginuid").map_err(bad)?,
-                sessionid: num(f[8], "sessionid").map_err(bad)?,
-                cgroup: num(f[9], "cgroup").map_err(bad)?,
-                probe: String::from_utf8_lossy(f[10]).into_owned(),
-                tty: f[11].to_vec(),
-                comm: f[12].to_vec(),
-                raw: Vec::new(),
-                at: Instant::now(),
+                pid: num(f[0], "pid").map_err(bad)?,
+                stored: flag(f[3], "stored").map_err(bad)?,
+                eof: flag(f[4], "eof").map_err(bad)?,
+                len: num(f[5], "len").map_err(bad)?,
+                ppid: num(f[6], "ppid").map_err(bad)?,
+                uid: num(f[7], "uid").map_err(bad)?,
+                gid: num(f[8], "gid").map_err(bad)?,
+                loginuid: num(f[9], "loginuid").map_err(bad)?,
+                sessionid: num(f[10], "sessionid").map_err(bad)?,
+                cgroup: num(f[11], "cgroup").map_err(bad)?,
+                probe: String::from_utf8_lossy(f[12]).into_owned(),
+                tty: f[13].to_vec(),
+                comm: f[14].to_vec(),
             };
             Ok(Record::Prov(
-                Box::new(p),
-                num(f[0], "pid").map_err(bad)?,
                 num(f[1], "tid").map_err(bad)?,
+                num(f[2], "id").map_err(bad)?,
+                Box::new(p),
             ))
         }
-        _ => Err(format!("unknown BT2I1 record kind {:?}", kind as char)),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn lines(a: &mut Assembler, recs: &[&[u8]]) -> Vec<AssembledEvent> {
-        recs.iter().flat_map(|r| a.push(r)).collect()
-    }
-
-    const P: &[u8] = b"BT2I1 P 10 11 abc 1000 9 0 0 4294967295 3 77 uretprobe:/usr/bin/bash:readline_internal_teardown pts0 my bash";
-
-    #[test]
-    fn provenance_first_then_head() {
-        let mut a = Assembler::new(ReadlineOptions::default());
-        let ev = lines(
-            &mut a,
-            &[P, b"BT2I1 C 10 11 0 echo hi", b"BT2I1 E 10 11 abc 1001 1 0"],
-        );
-        let [AssembledEvent::Line(l)] = &ev[..] else {
-            panic!("{ev:?}")
-        };
-        assert_eq!(l.line, b"echo hi");
-        assert_eq!(l.comm, b"my bash");
-        assert_eq!(l.tty, b"pts0");
-        assert_eq!(
-            (l.ppid, l.loginuid, l.sessionid, l.cgroup, l.nsecs),
-            (9, u32::MAX, 3, 77, 1000)
-        );
-        assert!(!l.truncated && !l.eof);
-    }
-
-    #[test]
-    fn missing_chunk_is_flagged_not_glued() {
-        let mut a = Assembler::new(ReadlineOptions::default());
-        let c0 = format!("BT2I1 C 10 11 0 {}", "a".repeat(STRIDE));
-        let c2 = format!("BT2I1 C 10 11 {} bbb", 2 * STRIDE);
-        let ev = lines(
-            &mut a,
-            &[
-                c0.as_bytes(),
-                c2.as_bytes(),
-                b"BT2I1 E 10 11 abc 1001 3 0",
-                P,
-            ],
-        );
-        let [AssembledEvent::Malformed { raw, reason }] = &ev[..] else {
-            panic!("{ev:?}")
-        };
-        assert!(reason.contains("3 chunks, 2 arrived"), "{reason}");
-        assert!(raw.windows(3).any(|w| w == b"bbb"));
+        _ => Err(format!("unknown BT2I2 record kind {:?}", kind as char)),
     }
 }

@@ -193,13 +193,22 @@ pub struct Shaper {
 pub const MAX_FIELD_BYTES: usize = 256 * 1024;
 /// How much of the end of a cut field is kept.
 pub const TAIL_BYTES: usize = 4096;
+/// The cap for a typed line's own bytes: above the longest head the readline capture can be
+/// set to (`readline::MAX_LINE_BYTES`), so the capture's limit is the one that applies, and
+/// small enough that a worst-case escaped line stays below immudb's 32 MiB message limit.
+pub const MAX_TYPED_LINE_BYTES: usize = 4 * 1024 * 1024;
 
 /// Puts bytes into a record: a string when they are UTF-8, otherwise a readable form (invalid
 /// bytes as `\xNN`) plus `<name>_b64` with the exact bytes. Over [`MAX_FIELD_BYTES`] the field
 /// is cut (see there).
 pub fn put_bytes(map: &mut Map<String, Value>, name: &str, bytes: &[u8]) {
-    if bytes.len() > MAX_FIELD_BYTES {
-        let head = &bytes[..MAX_FIELD_BYTES - TAIL_BYTES];
+    put_bytes_capped(map, name, bytes, MAX_FIELD_BYTES)
+}
+
+/// [`put_bytes`] with another cap than [`MAX_FIELD_BYTES`] (at least twice [`TAIL_BYTES`]).
+pub fn put_bytes_capped(map: &mut Map<String, Value>, name: &str, bytes: &[u8], cap: usize) {
+    if bytes.len() > cap {
+        let head = &bytes[..cap - TAIL_BYTES];
         let tail = &bytes[bytes.len() - TAIL_BYTES..];
         put_exact(map, name, head);
         put_exact(map, &format!("{name}_tail"), tail);
@@ -388,7 +397,7 @@ impl Shaper {
         let mut m = Map::new();
         self.put_process(&mut m, proc_);
         m.insert("probe".into(), json!(typed.probe));
-        put_bytes(&mut m, "line", typed.line);
+        put_bytes_capped(&mut m, "line", typed.line, MAX_TYPED_LINE_BYTES);
         m.insert("len".into(), json!(typed.len));
         m.insert("truncated".into(), json!(typed.truncated));
         if let Some(tail) = typed.tail {
