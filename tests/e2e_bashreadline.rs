@@ -21,6 +21,21 @@ use serde_json::Value;
 use support::tmux::Tmux;
 
 const PASSWORD: &str = "E2e-test-pw1!";
+/// The default line limit as the script applies it: 1 MiB rounded up to whole chunks.
+const HEAD_BYTES: usize = bt2immu::readline::DEFAULT_MAX_LINE_BYTES
+    .div_ceil(bt2immu::readline::CHUNK)
+    * bt2immu::readline::CHUNK;
+
+/// Where the stored tail of a cut line of `len` bytes starts (the script's tail program).
+fn tail_offset(len: usize) -> usize {
+    let full_end = len - len % bt2immu::readline::CHUNK;
+    let tail = bt2immu::readline::TAIL_BYTES;
+    if full_end > HEAD_BYTES + tail {
+        full_end - tail
+    } else {
+        HEAD_BYTES
+    }
+}
 
 fn require_root_tools() {
     assert_eq!(
@@ -40,6 +55,19 @@ fn require_root_tools() {
     }
 }
 
+/// A line for a failure message: long lines as their length and their two ends.
+fn shown(l: &[u8]) -> String {
+    if l.len() <= 300 {
+        return format!("{:?}", String::from_utf8_lossy(l));
+    }
+    format!(
+        "{} bytes {:?} … {:?}",
+        l.len(),
+        String::from_utf8_lossy(&l[..100]),
+        String::from_utf8_lossy(&l[l.len() - 100..])
+    )
+}
+
 fn bytes_of(v: &Value, name: &str) -> Vec<u8> {
     if let Some(b64) = v.get(format!("{name}_b64")).and_then(Value::as_str) {
         return base64::engine::general_purpose::STANDARD
@@ -48,7 +76,7 @@ fn bytes_of(v: &Value, name: &str) -> Vec<u8> {
     }
     v.get(name)
         .and_then(Value::as_str)
-        .unwrap_or_else(|| panic!("record without {name}: {v}"))
+        .unwrap_or_else(|| panic!("record without {name}: {}", v["seq"]))
         .as_bytes()
         .to_vec()
 }
@@ -146,6 +174,36 @@ async fn typed_lines_land_in_immudb_exactly_once_byte_exact_and_verified() {
     a.line(&padded);
     expect_a.push(padded.into_bytes());
 
+    // Padding in front of a command: 300 KB is below the default 1 MiB limit, stored whole.
+    let far = format!("{}echo padded-far", " ".repeat(300_000));
+    a.paste(far.as_bytes(), work.path());
+    a.enter();
+    a.wait_for("\npadded-far", Duration::from_secs(60));
+    expect_a.push(far.into_bytes());
+
+    // Longer than the limit: stored cut, and the command is in the stored tail.
+    let beyond = format!(
+        "{}echo padded-beyond; #{}",
+        " ".repeat(1_150_000),
+        "z".repeat(1000)
+    );
+    a.paste(beyond.as_bytes(), work.path());
+    a.enter();
+    a.wait_for("\npadded-beyond", Duration::from_secs(120));
+    expect_a.push(beyond.into_bytes());
+
+    // An edited history entry: readline reverts the history copy when the line is accepted,
+    // which changes its idea of the length after the fact; the edited line is what counts.
+    a.line("echo history-edit-XYZ");
+    expect_a.push(b"echo history-edit-XYZ".to_vec());
+    a.key("Up");
+    for _ in 0..3 {
+        a.key("BSpace");
+    }
+    a.keys_literal("ok");
+    a.enter();
+    expect_a.push(b"echo history-edit-ok".to_vec());
+
     let utf8 = "echo café 日本語 😀";
     a.line(utf8);
     expect_a.push(utf8.as_bytes().to_vec());
@@ -240,7 +298,34 @@ async fn typed_lines_land_in_immudb_exactly_once_byte_exact_and_verified() {
         // Keys sort in time order; the agent's seq gives capture order.
         let mut got = got.clone();
         got.sort_by_key(|(_, v)| v["seq"].as_u64().unwrap());
-        let lines: Vec<Vec<u8>> = got.iter().map(|(_, v)| bytes_of(v, "line")).collect();
+        // A cut line is compared as what the record promises: its head, its exact length, and
+        // its tail from `tail_offset` to the end.
+        let lines: Vec<Vec<u8>> = got
+            .iter()
+            .map(|(_, v)| {
+                let mut l = bytes_of(v, "line");
+                if v["truncated"] == true {
+                    let off = v["tail_offset"].as_u64().unwrap() as usize;
+                    assert!(off >= l.len(), "tail overlaps the head: {off}");
+                    l.resize(off, b'?');
+                    l.extend(bytes_of(v, "tail"));
+                }
+                l
+            })
+            .collect();
+        let expected: Vec<Vec<u8>> = expected
+            .iter()
+            .map(|e| {
+                if e.len() <= HEAD_BYTES {
+                    return e.clone();
+                }
+                let off = tail_offset(e.len());
+                let mut x = e[..HEAD_BYTES].to_vec();
+                x.resize(off, b'?');
+                x.extend_from_slice(&e[off..]);
+                x
+            })
+            .collect();
         assert_eq!(
             lines.len(),
             expected.len(),
@@ -248,39 +333,46 @@ async fn typed_lines_land_in_immudb_exactly_once_byte_exact_and_verified() {
             shell.name,
             lines.len(),
             expected.len(),
-            lines
-                .iter()
-                .map(|l| String::from_utf8_lossy(l).into_owned())
-                .collect::<Vec<_>>()
+            lines.iter().map(|l| shown(l)).collect::<Vec<_>>()
         );
         for (i, (g, e)) in lines.iter().zip(expected.iter()).enumerate() {
-            assert_eq!(
-                g,
-                e,
-                "shell {} line {i}: got {:?} expected {:?}",
+            assert!(
+                g == e,
+                "shell {} line {i}: got {} expected {}",
                 shell.name,
-                String::from_utf8_lossy(g),
-                String::from_utf8_lossy(e)
+                shown(g),
+                shown(e)
             );
         }
         let tty = shell.pane_tty();
         for (key, v) in &got {
             assert!(key.starts_with("bash:"), "{key}");
-            assert_eq!(v["uid"], 0, "{v}");
-            assert_eq!(v["user"], "root", "{v}");
-            assert_eq!(v["truncated"], false, "{v}");
-            assert_eq!(
-                v["len"].as_u64().unwrap() as usize,
-                bytes_of(v, "line").len(),
-                "{v}"
-            );
+            assert_eq!(v["uid"], 0, "{key}");
+            assert_eq!(v["user"], "root", "{key}");
+            let len = v["len"].as_u64().unwrap() as usize;
+            if len > HEAD_BYTES {
+                assert_eq!(v["truncated"], true, "{key}");
+                assert_eq!(bytes_of(v, "line").len(), HEAD_BYTES, "{key}");
+                let tail = bytes_of(v, "tail");
+                assert!(
+                    String::from_utf8_lossy(&tail).contains("echo padded-beyond"),
+                    "the command is not in the tail of the cut line"
+                );
+                assert_eq!(
+                    v["tail_offset"].as_u64().unwrap() as usize + tail.len(),
+                    len
+                );
+            } else {
+                assert_eq!(v["truncated"], false, "{key}");
+                assert_eq!(len, bytes_of(v, "line").len(), "{key}");
+            }
             assert_eq!(
                 format!("/dev/{}", v["tty"].as_str().unwrap()),
                 tty,
-                "tty of {v}"
+                "tty of {key}"
             );
-            assert!(v["ppid"].as_u64().unwrap() > 0, "{v}");
-            assert_eq!(v["comm"], "bash", "{v}");
+            assert!(v["ppid"].as_u64().unwrap() > 0, "{key}");
+            assert_eq!(v["comm"], "bash", "{key}");
         }
     }
     client.close().await;

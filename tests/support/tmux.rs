@@ -105,6 +105,18 @@ impl Shell<'_> {
         self.tmux.run(&refs);
     }
 
+    /// Pastes bytes through a tmux buffer (bash's bracketed paste inserts them as they are):
+    /// far faster than typing for lines of hundreds of kilobytes.
+    pub fn paste(&self, bytes: &[u8], scratch: &Path) {
+        let file = scratch.join(format!("paste-{}", self.name));
+        std::fs::write(&file, bytes).expect("writing the paste buffer");
+        let buf = format!("paste-{}", self.name);
+        self.tmux
+            .run(&["load-buffer", "-b", &buf, &file.to_string_lossy()]);
+        self.tmux
+            .run(&["paste-buffer", "-b", &buf, "-d", "-t", &self.name]);
+    }
+
     /// Presses a named key (`Enter`, `C-v`, `C-j`, `Tab`).
     pub fn key(&self, key: &str) {
         self.tmux.run(&["send-keys", "-t", &self.name, key]);
