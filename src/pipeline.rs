@@ -319,6 +319,20 @@ impl Pipeline {
         match a {
             readline::AssembledEvent::Line(l) => {
                 self.counts.typed_lines += 1;
+                if l.truncated {
+                    // The record says so too; the operator should hear it now: the part of
+                    // the line that was not kept could hold a command.
+                    tracing::warn!(
+                        pid = l.pid,
+                        uid = l.uid,
+                        tty = %String::from_utf8_lossy(&l.tty),
+                        len = l.len,
+                        kept_head = l.line.len(),
+                        kept_tail = l.tail.as_ref().map_or(0, Vec::len),
+                        "a typed line longer than the limit was stored cut; what lies between \
+                         its head and its tail was not captured (raise --max-line-bytes)"
+                    );
+                }
                 let p = Process {
                     pid: Some(l.pid),
                     tid: Some(l.tid),
