@@ -812,7 +812,10 @@ impl Assembler {
                 if self.done.contains(&key) {
                     out.push(malformed(
                         vec![line.to_vec()],
-                        format!("tid {tid}: a second P record for line {id}"),
+                        format!(
+                            "tid {tid}: a P record for line {id}, which was already complete \
+                             or given up on"
+                        ),
                     ));
                     return out;
                 }
@@ -851,7 +854,10 @@ impl Assembler {
                 if self.done.contains(&key) {
                     out.push(malformed(
                         vec![line.to_vec()],
-                        format!("tid {tid}: a chunk at offset {off} of line {id}, which was already complete"),
+                        format!(
+                            "tid {tid}: a chunk at offset {off} of line {id}, which was already \
+                             complete or given up on"
+                        ),
                     ));
                     return out;
                 }
@@ -960,10 +966,12 @@ impl Assembler {
 fn assemble(tid: u64, id: u64, pend: Pending) -> AssembledEvent {
     let prov = pend.prov.expect("complete line has provenance");
     let mut line = Vec::new();
-    let mut tail: Option<Vec<u8>> = None;
+    // A cut line always has a tail, even an empty one (a layout without tail bytes, on a
+    // line that ends on a chunk boundary): `truncated`, `tail` and `tail_offset` go together.
+    let mut tail: Option<Vec<u8>> = pend.tail_start.map(|_| Vec::new());
     for (off, data) in pend.chunks {
-        match pend.tail_start {
-            Some(t0) if off >= t0 => tail.get_or_insert_with(Vec::new).extend_from_slice(&data),
+        match (pend.tail_start, tail.as_mut()) {
+            (Some(t0), Some(tail)) if off >= t0 => tail.extend_from_slice(&data),
             _ => line.extend_from_slice(&data),
         }
     }
