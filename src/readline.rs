@@ -1081,13 +1081,15 @@ fn parse_record(line: &[u8]) -> Result<Record, String> {
                 head_bytes: num(f[1], "head bytes").map_err(bad)?,
                 tail_bytes: num(f[2], "tail bytes").map_err(bad)?,
             };
+            // Bounded so that no input can make one line expect more chunks than the script
+            // can send (each expected chunk costs the assembler memory).
             let sane = a.chunk > 0
                 && a.chunk <= 4096
                 && a.head_bytes % a.chunk == 0
                 && a.tail_bytes % a.chunk == 0
                 && a.head_bytes > 0
-                && a.head_bytes as usize <= MAX_LINE_BYTES.div_ceil(CHUNK) * CHUNK
-                && a.tail_bytes as usize <= PART_BYTES;
+                && a.head_bytes / a.chunk <= MAX_LINE_BYTES.div_ceil(CHUNK) as u64
+                && a.tail_bytes / a.chunk <= TAIL_BYTES.div_ceil(CHUNK) as u64;
             if !sane {
                 return Err(bad(format!("layout out of range: {a:?}")));
             }
