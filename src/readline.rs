@@ -1155,3 +1155,147 @@ fn parse_record(line: &[u8]) -> Result<Record, String> {
         _ => Err(format!("unknown BT2I2 record kind {:?}", kind as char)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SMALL: Announced = Announced {
+        chunk: 200,
+        head_bytes: 400,
+        tail_bytes: 200,
+    };
+
+    #[test]
+    fn layout_lists_exactly_the_chunks_the_script_prints() {
+        let full = |offs: &[u64]| offs.iter().map(|&o| (o, 200)).collect::<Vec<_>>();
+        assert_eq!(SMALL.layout(0), (vec![], None));
+        assert_eq!(SMALL.layout(1), (vec![(0, 1)], None));
+        assert_eq!(SMALL.layout(200), (full(&[0]), None));
+        assert_eq!(SMALL.layout(399), (vec![(0, 200), (200, 199)], None));
+        assert_eq!(SMALL.layout(400), (full(&[0, 200]), None));
+        // Cut: the head, then the tail from max(head, full_end - tail).
+        assert_eq!(
+            SMALL.layout(401),
+            (vec![(0, 200), (200, 200), (400, 1)], Some(400))
+        );
+        assert_eq!(SMALL.layout(600), (full(&[0, 200, 400]), Some(400)));
+        assert_eq!(
+            SMALL.layout(799),
+            (
+                vec![(0, 200), (200, 200), (400, 200), (600, 199)],
+                Some(400)
+            )
+        );
+        assert_eq!(SMALL.layout(800), (full(&[0, 200, 600]), Some(600)));
+        assert_eq!(
+            SMALL.layout(1234),
+            (
+                vec![(0, 200), (200, 200), (1000, 200), (1200, 34)],
+                Some(1000)
+            )
+        );
+        // However long the line, the layout is the head and the tail.
+        let (chunks, t0) = SMALL.layout(u64::MAX);
+        assert_eq!(chunks.len(), 2 + 1 + 1);
+        assert_eq!(t0, Some(u64::MAX - u64::MAX % 200 - 200));
+        // The real layout: 5,571 chunks at most (and the partial one).
+        let real = Announced {
+            chunk: CHUNK as u64,
+            head_bytes: 1_048_600,
+            tail_bytes: TAIL_BYTES as u64,
+        };
+        assert_eq!(real.layout(1 << 40).0.len(), 5243 + 328 + 1);
+        assert_eq!(real.layout(1_048_600).0.len(), 5243);
+    }
+
+    #[test]
+    fn replace_word_replaces_whole_identifiers_only() {
+        assert_eq!(
+            replace_word("if (PART_INDEX == 0) { x(PART_INDEX); }", "PART_INDEX", "3"),
+            "if (3 == 0) { x(3); }"
+        );
+        assert_eq!(replace_word("PART_INDEX", "PART_INDEX", "7"), "7");
+        for same in [
+            "MY_PART_INDEX + PART_INDEX_2",
+            "#define PART_INDEXES 1",
+            "xRL_END_SYM",
+            "",
+        ] {
+            assert_eq!(replace_word(same, "PART_INDEX", "9"), same);
+        }
+        assert_eq!(
+            replace_word("$base + RL_END_SYM) - TEARDOWN_SYM", "RL_END_SYM", "0x10"),
+            "$base + 0x10) - TEARDOWN_SYM"
+        );
+        // A rejected match does not hide a real one right after it.
+        assert_eq!(
+            replace_word("A_SYMX_SYM X_SYM", "X_SYM", "1"),
+            "A_SYMX_SYM 1"
+        );
+    }
+
+    #[test]
+    fn unhex_reads_rx_escapes_of_every_byte() {
+        let all: Vec<u8> = (0..=255).collect();
+        let text: String = all.iter().map(|b| format!("\\x{b:02x}")).collect();
+        assert_eq!(unhex(text.as_bytes()).unwrap(), all);
+        assert_eq!(unhex(b"\\xAb\\xFF").unwrap(), vec![0xab, 0xff]);
+        assert_eq!(unhex(b"").unwrap(), Vec::<u8>::new());
+        for bad in [&b"\\x4"[..], b"\\xg0", b"/x41", b"\\X41", b"\\x41\\x4"] {
+            assert!(unhex(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn p_record_keeps_an_empty_tty_and_spaces_in_comm() {
+        let rec = b"BT2I2 P 10 11 12 1 0 5 9 1000 1001 4294967295 3 77 \
+uprobe:/usr/bin/bash:readline_internal_teardown  my  comm ";
+        let Ok(Record::Prov(tid, id, p)) = parse_record(rec) else {
+            panic!("not a P record")
+        };
+        assert_eq!((tid, id), (11, 12));
+        assert_eq!(
+            (p.pid, p.stored, p.eof, p.len, p.ppid),
+            (10, true, false, 5, 9)
+        );
+        assert_eq!(
+            (p.uid, p.gid, p.loginuid, p.sessionid),
+            (1000, 1001, u32::MAX, 3)
+        );
+        assert_eq!(p.cgroup, 77);
+        assert_eq!(p.probe, "uprobe:/usr/bin/bash:readline_internal_teardown");
+        assert_eq!(p.tty, b"");
+        assert_eq!(p.comm, b"my  comm ");
+        // A uid beyond 32 bits is not a uid.
+        let big = b"BT2I2 P 10 11 12 1 0 5 9 4294967296 1 1 1 1 probe tty comm";
+        assert!(parse_record(big).is_err());
+    }
+
+    #[test]
+    fn s_record_is_the_rest_of_the_record_byte_for_byte() {
+        let Ok(Record::Chunk { tid, id, off, data }) =
+            parse_record(b"BT2I2 S 1 2 400  a \\x41\n\xff ")
+        else {
+            panic!("not a chunk")
+        };
+        assert_eq!((tid, id, off), (1, 2, 400));
+        assert_eq!(data, b" a \\x41\n\xff ");
+    }
+
+    #[test]
+    fn layout_before_the_b_record_is_the_configured_one() {
+        let a = Assembler::new(ReadlineOptions {
+            max_line_bytes: 1001,
+            ..Default::default()
+        });
+        assert_eq!(
+            a.layout(),
+            Announced {
+                chunk: 200,
+                head_bytes: 1200,
+                tail_bytes: TAIL_BYTES as u64
+            }
+        );
+    }
+}

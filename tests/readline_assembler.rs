@@ -611,7 +611,7 @@ fn a_line_the_entry_could_not_store_is_malformed_at_once() {
 #[test]
 fn m_and_x_records_are_malformed_with_their_reason() {
     let m = b"BT2I2 M 4242 4243 99999".to_vec();
-    let out = run(&[m.clone()]);
+    let out = run(std::slice::from_ref(&m));
     let (raw, reason) = only_malformed(&out);
     assert_eq!(raw, m);
     assert!(reason.contains("pid 4242 tid 4243"), "{reason}");
@@ -619,7 +619,7 @@ fn m_and_x_records_are_malformed_with_their_reason() {
 
     let x = b"BT2I2 X this script must be run through bt2immu (it fills in the readline symbol addresses)"
         .to_vec();
-    let out = run(&[x.clone()]);
+    let out = run(std::slice::from_ref(&x));
     let (raw, reason) = only_malformed(&out);
     assert_eq!(raw, x);
     assert!(reason.contains("without bt2immu filling in"), "{reason}");
