@@ -636,8 +636,51 @@ pub struct Announced {
 }
 
 impl Announced {
+    /// Where the stored tail of a line of `len` bytes starts; `None` when the line is not cut.
+    fn tail_start(&self, len: u64) -> Option<u64> {
+        if len <= self.head_bytes {
+            return None;
+        }
+        let full_end = len - len % self.chunk;
+        Some(if full_end > self.head_bytes + self.tail_bytes {
+            full_end - self.tail_bytes
+        } else {
+            self.head_bytes
+        })
+    }
+
+    /// The size of the chunk the script sends at `off` for a line of `len` bytes, if it sends
+    /// one there. Computed, not listed: a record claiming a huge length costs nothing.
+    fn chunk_size_at(&self, len: u64, off: u64) -> Option<u64> {
+        let c = self.chunk;
+        let full_end = len - len % c;
+        if off % c != 0 || off >= len {
+            return None;
+        }
+        if off == full_end {
+            return Some(len - full_end);
+        }
+        match self.tail_start(len) {
+            Some(t0) if off >= self.head_bytes && off < t0 => None,
+            _ => Some(c),
+        }
+    }
+
+    /// How many chunks the script sends for a line of `len` bytes.
+    fn chunk_count(&self, len: u64) -> u64 {
+        let c = self.chunk;
+        let full_end = len - len % c;
+        let full = match self.tail_start(len) {
+            None => full_end / c,
+            Some(t0) => self.head_bytes / c + (full_end - t0) / c,
+        };
+        full + u64::from(full_end < len)
+    }
+
     /// Which chunks (offset, size) make a line of `len` bytes, in order; and where its tail
-    /// starts when it is cut. Mirrors the script's three kinds of return programs.
+    /// starts when it is cut. Mirrors the script's three kinds of return programs; the
+    /// assembler uses the computed forms above, which the tests check against this list.
+    #[cfg(test)]
     fn layout(&self, len: u64) -> (Vec<(u64, u64)>, Option<u64>) {
         let c = self.chunk;
         let full_end = len - len % c;
@@ -685,8 +728,9 @@ struct Pending {
     prov: Option<Prov>,
     /// Chunk bytes by offset.
     chunks: BTreeMap<u64, Vec<u8>>,
-    /// Once the length is known: the chunks that make the line (offset → size).
-    expected: Option<BTreeMap<u64, u64>>,
+    /// Once the P record is there: the layout and length the chunks must match, and how many
+    /// chunks make the line.
+    expected: Option<(Announced, u64, u64)>,
     tail_start: Option<u64>,
     raws: Vec<Vec<u8>>,
     since: Instant,
@@ -707,11 +751,10 @@ impl Pending {
     }
 
     fn check_chunk(&mut self, off: u64, size: u64) {
-        if let Some(exp) = &self.expected {
-            if self.problem.is_none() && exp.get(&off) != Some(&size) {
+        if let Some((layout, len, _)) = &self.expected {
+            if self.problem.is_none() && layout.chunk_size_at(*len, off) != Some(size) {
                 self.problem = Some(format!(
-                    "a {size}-byte chunk at offset {off} is not part of a {}-byte line",
-                    self.prov.as_ref().map_or(0, |p| p.len)
+                    "a {size}-byte chunk at offset {off} is not part of a {len}-byte line"
                 ));
             }
         }
@@ -730,6 +773,9 @@ pub struct Assembler {
     /// the start of a new line. Bounded: ids are forgotten oldest first.
     done: HashSet<(u64, u64)>,
     done_order: std::collections::VecDeque<(u64, u64)>,
+    /// Tasks whose last P record said its line was not stored: the return programs then find
+    /// nothing and print an M record, which that P record already accounts for.
+    unstored: HashSet<u64>,
 }
 
 /// How many finished line ids are remembered.
@@ -743,6 +789,7 @@ impl Assembler {
             pending: BTreeMap::new(),
             done: HashSet::new(),
             done_order: std::collections::VecDeque::new(),
+            unstored: HashSet::new(),
         }
     }
 
@@ -790,6 +837,9 @@ impl Assembler {
                 return out;
             }
             Record::Missing { pid, tid } => {
+                if self.unstored.remove(&tid) {
+                    return out;
+                }
                 out.push(malformed(
                     vec![line.to_vec()],
                     format!(
@@ -827,17 +877,16 @@ impl Assembler {
                         format!("tid {tid}: a second P record for line {id}")
                     });
                 } else {
-                    let (chunks, tail_start) = if p.eof {
-                        (Vec::new(), None)
-                    } else {
-                        layout.layout(p.len)
-                    };
                     if p.eof && p.len != 0 {
                         pend.problem = Some(format!("tid {tid}: end-of-file with a length"));
                     }
+                    if !p.stored {
+                        self.unstored.insert(tid);
+                    }
+                    let count = if p.eof { 0 } else { layout.chunk_count(p.len) };
+                    pend.expected = Some((layout, p.len, count));
+                    pend.tail_start = layout.tail_start(p.len);
                     pend.prov = Some(*p);
-                    pend.expected = Some(chunks.into_iter().collect());
-                    pend.tail_start = tail_start;
                     let arrived: Vec<(u64, u64)> = pend
                         .chunks
                         .iter()
@@ -900,7 +949,7 @@ impl Assembler {
             out.push(malformed(pend.raws, reason));
             return;
         }
-        if pend.chunks.len() < expected.len() {
+        if (pend.chunks.len() as u64) < expected.2 {
             return;
         }
         let pend = self.finish_key(key);
@@ -948,7 +997,7 @@ impl Assembler {
                      (bpftrace lost events, or stopped)",
                     p.pid,
                     pend.chunks.len(),
-                    exp.len(),
+                    exp.2,
                     p.len
                 ),
                 _ => format!(
@@ -1165,6 +1214,49 @@ mod tests {
         head_bytes: 400,
         tail_bytes: 200,
     };
+
+    #[test]
+    fn computed_layout_agrees_with_the_listed_one() {
+        for layout in [
+            SMALL,
+            Announced {
+                chunk: 7,
+                head_bytes: 21,
+                tail_bytes: 0,
+            },
+            Announced {
+                chunk: 200,
+                head_bytes: 1_048_600,
+                tail_bytes: 65_600,
+            },
+        ] {
+            for len in (0..3000).chain([1_048_599, 1_048_600, 1_048_601, 1_200_000, 9_999_999]) {
+                let (list, t0) = layout.layout(len);
+                assert_eq!(layout.tail_start(len), t0, "{layout:?} {len}");
+                assert_eq!(
+                    layout.chunk_count(len),
+                    list.len() as u64,
+                    "{layout:?} {len}"
+                );
+                for &(off, size) in &list {
+                    assert_eq!(layout.chunk_size_at(len, off), Some(size), "{len} {off}");
+                }
+                // Nothing else is part of the line: every other aligned offset, and a few
+                // unaligned ones.
+                let listed: HashSet<u64> = list.iter().map(|c| c.0).collect();
+                let probe_end = len.min(5000) + 2 * layout.chunk;
+                for off in (0..probe_end).chain(len.saturating_sub(3000)..len + 3) {
+                    if !listed.contains(&off) {
+                        assert_eq!(
+                            layout.chunk_size_at(len, off),
+                            None,
+                            "{layout:?} {len} {off}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn layout_lists_exactly_the_chunks_the_script_prints() {

@@ -766,3 +766,35 @@ proptest! {
         }
     }
 }
+
+/// When the entry program could not store a line (map full), its return programs find nothing
+/// and print an M record; the P record already reports the line, so the M adds no second event.
+#[test]
+fn an_unstored_line_is_reported_once() {
+    let mut a = Assembler::new(ReadlineOptions::default());
+    let mut out = a.push(&p(5, 1, false, false, 12));
+    out.extend(a.push(b"BT2I2 M 4242 5 99"));
+    out.extend(a.finish());
+    assert_eq!(out.len(), 1, "{out:?}");
+    let AssembledEvent::Malformed { reason, .. } = &out[0] else {
+        panic!("{out:?}")
+    };
+    assert!(reason.contains("not handed to the programs"), "{reason}");
+
+    // An empty line needs no bytes: it is a whole line, and its M is not an error either.
+    let mut out = a.push(&p(5, 2, false, false, 0));
+    out.extend(a.push(b"BT2I2 M 4242 5 100"));
+    out.extend(a.finish());
+    assert_eq!(out.len(), 1, "{out:?}");
+    let AssembledEvent::Line(l) = &out[0] else {
+        panic!("{out:?}")
+    };
+    assert!(l.line.is_empty() && l.len == 0);
+
+    // An M with no unstored P before it still says the line was lost.
+    let out = a.push(b"BT2I2 M 4242 5 101");
+    assert!(
+        matches!(&out[..], [AssembledEvent::Malformed { reason, .. }] if reason.contains("without its entry record")),
+        "{out:?}"
+    );
+}
