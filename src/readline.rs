@@ -511,8 +511,14 @@ pub fn render_script(
         } else {
             part_blocks += 1;
             for k in 0..parts {
+                // Each copy loops exactly as often as its part has chunks: with a bound the
+                // loop can never reach (a head shorter than a part), LLVM replaces the bound
+                // by a trip count computed with a division the verifier cannot bound, and the
+                // program no longer loads (measured on 0.17 for heads below 262,200 bytes).
+                let part_chunks = (head_bytes.min((k + 1) * PART_BYTES) - k * PART_BYTES) / CHUNK;
                 for l in block {
-                    expanded.push(replace_word(l, "PART_INDEX", &k.to_string()));
+                    let l = replace_word(l, "PART_INDEX", &k.to_string());
+                    expanded.push(replace_word(&l, "PART_CHUNKS", &part_chunks.to_string()));
                 }
                 expanded.push(String::new());
             }

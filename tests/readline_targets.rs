@@ -667,3 +667,33 @@ fn the_rendered_script_runs_in_bpftrace_and_captures_typed_lines() {
     }
     assert!(lines.windows(2).all(|w| w[0].nsecs < w[1].nsecs));
 }
+
+/// Every limit must give a script the verifier accepts: a head shorter than one part once made
+/// LLVM drop the loop bound and the program no longer loaded.
+#[test]
+fn rendered_scripts_load_at_small_and_large_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let targets = locate_targets(&[PathBuf::from("/bin/bash")]).unwrap();
+    for limit in [1, 16_384, 600_000, readline::MAX_LINE_BYTES] {
+        let o = opts(limit);
+        let script = dir.path().join(format!("r{limit}.bt"));
+        std::fs::write(&script, render_script(&template(), &targets, &o).unwrap()).unwrap();
+        let out = Command::new("timeout")
+            .arg("180")
+            .arg("bpftrace")
+            .args(readline::bpftrace_args())
+            .args(["-c", "/bin/true"])
+            .arg(&script)
+            .envs(readline::bpftrace_env(&o).unwrap())
+            .output()
+            .expect("running bpftrace");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let want = format!("BT2I2 B 200 {} 65600", o.head_bytes().unwrap());
+        assert!(
+            out.status.success() && stdout.contains(&want),
+            "limit {limit}: {:?}\nstdout: {stdout}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
