@@ -906,6 +906,27 @@ pub fn check(args: CheckArgs) -> Result<i32> {
     })
 }
 
+/// Padding made visible: a run of 16 or more of the same character is shown as
+/// `[N × 'c']`, so a command after a megabyte of spaces is on the reader's screen, not pushed
+/// off it.
+fn condensed(s: &str) -> String {
+    let mut out = String::with_capacity(s.len().min(4096));
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        let mut n = 1usize;
+        while chars.peek() == Some(&c) {
+            chars.next();
+            n += 1;
+        }
+        if n >= 16 {
+            out.push_str(&format!("[{n} × {c:?}]"));
+        } else {
+            out.extend(std::iter::repeat_n(c, n));
+        }
+    }
+    out
+}
+
 /// A line for a terminal: control characters (newline, tab, escape sequences) shown as
 /// `\n`, `\t`, `\x1b`, so a recorded line cannot rewrite the reader's screen.
 fn printable(s: &str) -> String {
@@ -1050,11 +1071,20 @@ pub async fn query(args: QueryArgs) -> Result<i32> {
                         .map(|x| x.to_string().trim_matches('"').to_string())
                         .unwrap_or_default()
                 };
-                let line = v
+                let mut line = v
                     .get("line")
                     .and_then(|l| l.as_str())
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|| g("event"));
+                    .map(|s| condensed(&printable(s)))
+                    .unwrap_or_else(|| printable(&g("event")));
+                if v.get("truncated") == Some(&json!(true)) {
+                    let tail = v.get("tail").and_then(|t| t.as_str()).unwrap_or("");
+                    line = format!(
+                        "{line} [CUT: {} bytes; bytes {}.. follow:] {}",
+                        g("len"),
+                        g("tail_offset"),
+                        condensed(&printable(tail))
+                    );
+                }
                 emit!(
                     "{:<30} {:>7} {:>6} {:<8} {:<6} {}",
                     g("ts"),
@@ -1062,7 +1092,7 @@ pub async fn query(args: QueryArgs) -> Result<i32> {
                     g("uid"),
                     g("user"),
                     g("tty"),
-                    printable(&line)
+                    line
                 );
             }
         }
@@ -1090,4 +1120,25 @@ pub async fn query(args: QueryArgs) -> Result<i32> {
         ));
     }
     Ok(cli::EXIT_OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn padding_is_condensed_so_the_command_stays_on_screen() {
+        let line = format!("{}rm -rf /tmp/x{}", " ".repeat(300_000), "#".repeat(15));
+        assert_eq!(
+            condensed(&printable(&line)),
+            format!("[300000 × ' ']rm -rf /tmp/x{}", "#".repeat(15))
+        );
+        // Escaped control characters alternate `\` and a letter: no run to condense.
+        assert_eq!(condensed(&printable(&"\t".repeat(20))), "\\t".repeat(20));
+        assert_eq!(condensed(&printable(&" ".repeat(16))), "[16 × ' ']");
+        assert_eq!(condensed(&printable(&" ".repeat(15))), " ".repeat(15));
+        assert_eq!(condensed("aaaaaaaaaaaaaaaa-b"), "[16 × 'a']-b");
+        assert_eq!(condensed("héééééééééééééééé!"), "h[16 × 'é']!");
+        assert_eq!(condensed(""), "");
+    }
 }
