@@ -98,7 +98,7 @@ async fn a_line_sent_to_the_editor_with_c_x_c_e_is_recorded() {
         }
     });
     let mut records: Vec<Value> = Vec::new();
-    let mut wait_for = |what: &str, pred: &dyn Fn(&Value) -> bool, records: &mut Vec<Value>| {
+    let wait_for = |what: &str, pred: &dyn Fn(&Value) -> bool, records: &mut Vec<Value>| {
         let start = Instant::now();
         while !records.iter().any(pred) {
             if let Ok(l) = rx.recv_timeout(Duration::from_millis(500)) {
