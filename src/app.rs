@@ -647,13 +647,14 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     }
     let stats = finish_sink(sink, &spool, Duration::from_secs(15)).await?;
     say!(
-        "bt2immu: {} records captured ({} typed lines, {} events, {} raw, {} events lost in the \
-         kernel, {} of bt2immu's own processes left out); {} written and verified in {} \
-         transactions (last tx {})",
+        "bt2immu: {} records captured ({} typed lines, {} events, {} raw of which {} incomplete \
+         typed lines, {} events lost in the kernel, {} of bt2immu's own processes left out); {} \
+         written and verified in {} transactions (last tx {})",
         pipeline.counts.records,
         pipeline.counts.typed_lines,
         pipeline.counts.events,
         pipeline.counts.raw,
+        pipeline.counts.incomplete_lines,
         pipeline.counts.lost_events,
         pipeline.counts.own_events,
         stats.written,

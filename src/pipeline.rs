@@ -38,6 +38,9 @@ pub struct Counts {
     /// Events of the agent's own processes (bt2immu, its bpftrace, its local immudb), left
     /// out: recording them would feed back (each write causes more events to write).
     pub own_events: u64,
+    /// Typed lines that did not arrive whole (stored flagged, with what arrived); part of
+    /// `raw`.
+    pub incomplete_lines: u64,
 }
 
 pub struct Pipeline {
@@ -363,6 +366,77 @@ impl Pipeline {
                 };
                 out.push(self.shaper.readline(&p, Some(l.nsecs), &typed));
             }
+            readline::AssembledEvent::Incomplete(inc) => {
+                // Flagged like a raw record, but shaped as a typed line: the bytes that did
+                // arrive are decoded and kept at their offsets, so losing one chunk cannot
+                // hide a command in the others.
+                self.counts.raw += 1;
+                self.counts.incomplete_lines += 1;
+                // Every one is in the trail; the log gets the first few and then every
+                // power of two, so damaged input cannot flood it.
+                let n = self.counts.incomplete_lines;
+                if n <= 10 || n.is_power_of_two() {
+                    tracing::warn!(tid = inc.tid, count = n, "{}", inc.reason);
+                }
+                let p = match &inc.about {
+                    Some(l) => Process {
+                        pid: Some(l.pid),
+                        tid: Some(l.tid),
+                        ppid: Some(l.ppid),
+                        uid: Some(l.uid),
+                        gid: Some(l.gid),
+                        loginuid: Some(l.loginuid),
+                        sessionid: Some(l.sessionid),
+                        tty: crate::record::tty_name(&l.tty),
+                        comm: Some(String::from_utf8_lossy(&l.comm).into_owned()),
+                        cgroup: Some(l.cgroup),
+                    },
+                    None => Process {
+                        tid: Some(inc.tid),
+                        ..Process::default()
+                    },
+                };
+                let mut extra = Map::new();
+                extra.insert("incomplete".into(), json!(true));
+                extra.insert("reason".into(), json!(inc.reason));
+                if inc.about.is_none() {
+                    extra.insert("provenance_lost".into(), json!(true));
+                }
+                let (head, rest): (&[u8], &[(u64, Vec<u8>)]) = match inc.pieces.first() {
+                    Some((0, bytes)) => (bytes, &inc.pieces[1..]),
+                    _ => (&[], &inc.pieces[..]),
+                };
+                let pieces: Vec<Value> = rest
+                    .iter()
+                    .map(|(off, bytes)| {
+                        let mut m = Map::new();
+                        m.insert("off".into(), json!(off));
+                        crate::record::put_bytes_capped(
+                            &mut m,
+                            "text",
+                            bytes,
+                            crate::record::MAX_TYPED_LINE_BYTES,
+                        );
+                        Value::Object(m)
+                    })
+                    .collect();
+                extra.insert("pieces".into(), Value::Array(pieces));
+                let missing: Vec<Value> = inc.missing.iter().map(|(o, l)| json!([o, l])).collect();
+                extra.insert("missing".into(), Value::Array(missing));
+                let end = inc.pieces.last().map_or(0, |(o, b)| o + b.len() as u64);
+                if let Some(off) = inc.about.as_ref().and_then(|l| l.tail_offset) {
+                    extra.insert("tail_offset".into(), json!(off));
+                }
+                let typed = TypedLine {
+                    probe: inc.about.as_ref().map_or("", |l| l.probe.as_str()),
+                    line: head,
+                    len: inc.about.as_ref().map_or(end, |l| l.len),
+                    truncated: inc.about.as_ref().is_some_and(|l| l.truncated),
+                    tail: None,
+                    extra,
+                };
+                out.push(self.shaper.readline(&p, Some(inc.id), &typed));
+            }
             readline::AssembledEvent::Malformed { raw, reason } => {
                 self.counts.raw += 1;
                 out.push(self.shaper.raw(&raw, &reason));
@@ -374,15 +448,19 @@ impl Pipeline {
         if records.is_empty() {
             return Ok(());
         }
-        let entries: Vec<Entry> = records
-            .iter()
-            .map(|r| Entry {
-                seq: r.seq,
-                key: r.key.clone().into_bytes(),
-                value: r.value_bytes(),
-            })
-            .collect();
-        self.spool.lock().expect("spool lock").append(&entries)?;
+        // In slices: a flush that gives up thousands of lines at once must not hold all of
+        // their serialised values at the same time.
+        for slice in records.chunks(1000) {
+            let entries: Vec<Entry> = slice
+                .iter()
+                .map(|r| Entry {
+                    seq: r.seq,
+                    key: r.key.clone().into_bytes(),
+                    value: r.value_bytes(),
+                })
+                .collect();
+            self.spool.lock().expect("spool lock").append(&entries)?;
+        }
         self.counts.records += records.len() as u64;
         if self.echo {
             use std::io::Write;

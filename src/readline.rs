@@ -623,9 +623,28 @@ pub struct ReadlineLine {
     pub eof: bool,
 }
 
+/// A line that did not arrive whole (bpftrace lost events, or stopped before the rest came):
+/// the bytes that did arrive, each at its place, so a command in them is still in the trail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IncompleteLine {
+    pub tid: u64,
+    /// The line's id (the entry probe's nsecs).
+    pub id: u64,
+    /// Provenance, exact length and cut, when the line's P record arrived; its `line` and
+    /// `tail` are empty (the bytes are in `pieces`).
+    pub about: Option<ReadlineLine>,
+    /// Runs of contiguous bytes that arrived, by offset in the line.
+    pub pieces: Vec<(u64, Vec<u8>)>,
+    /// Byte ranges (offset, length) of the line that should have come and did not; empty when
+    /// the length is unknown (no P record).
+    pub missing: Vec<(u64, u64)>,
+    pub reason: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AssembledEvent {
     Line(ReadlineLine),
+    Incomplete(IncompleteLine),
     /// Records that do not make a whole, consistent line: all of them, newline-separated.
     Malformed {
         raw: Vec<u8>,
@@ -786,6 +805,9 @@ pub struct Assembler {
 
 /// How many finished line ids are remembered.
 const DONE_MEMORY: usize = 4096;
+/// How many lines may wait for the rest of their records at once: far more than shells can
+/// accept lines within `stale_after`, few enough to bound the memory damaged input can take.
+pub const MAX_PENDING: usize = 4096;
 
 impl Assembler {
     pub fn new(opts: ReadlineOptions) -> Self {
@@ -928,6 +950,7 @@ impl Assembler {
             }
         };
         self.try_complete(key, &mut out);
+        self.bound_pending(&mut out);
         out
     }
 
@@ -993,29 +1016,132 @@ impl Assembler {
             .filter(|(_, p)| stale(p.since))
             .map(|(k, _)| *k)
             .collect();
-        let mut out = Vec::new();
-        for key in keys {
-            let pend = self.finish_key(key);
-            let (tid, id) = key;
-            let reason = match (&pend.prov, &pend.expected) {
-                (Some(p), Some(exp)) => format!(
-                    "pid {} tid {tid} line {id}: {} of the {} chunks of a {}-byte line arrived \
-                     (bpftrace lost events, or stopped)",
-                    p.pid,
-                    pend.chunks.len(),
-                    exp.2,
-                    p.len
-                ),
-                _ => format!(
-                    "tid {tid} line {id}: {} chunks without the line's P record (lost, or \
-                     bpftrace stopped)",
-                    pend.chunks.len()
-                ),
-            };
-            out.push(malformed(pend.raws, reason));
-        }
-        out
+        keys.into_iter()
+            .map(|key| self.give_up(key, None))
+            .collect()
     }
+
+    /// A line that will not complete: what arrived of it, flagged.
+    fn give_up(&mut self, key: (u64, u64), why: Option<&str>) -> AssembledEvent {
+        let pend = self.finish_key(key);
+        let mut inc = incomplete(key.0, key.1, pend);
+        if let Some(why) = why {
+            inc.reason = format!("{why}: {}", inc.reason);
+        }
+        AssembledEvent::Incomplete(inc)
+    }
+
+    /// Keeps the lines in flight under [`MAX_PENDING`]: the oldest is given up (with what
+    /// arrived of it) so that no input, however damaged, costs unbounded memory.
+    fn bound_pending(&mut self, out: &mut Vec<AssembledEvent>) {
+        while self.pending.len() > MAX_PENDING {
+            let oldest = self
+                .pending
+                .iter()
+                .min_by_key(|(_, p)| p.since)
+                .map(|(k, _)| *k)
+                .expect("pending is not empty");
+            out.push(self.give_up(
+                oldest,
+                Some(&format!("more than {MAX_PENDING} lines in flight")),
+            ));
+        }
+    }
+}
+
+/// What is left of a line given up on: its arrived chunks joined into runs, the ranges that
+/// are missing (from the layout, when the P record told the length), and why.
+fn incomplete(tid: u64, id: u64, mut pend: Pending) -> IncompleteLine {
+    let mut pieces: Vec<(u64, Vec<u8>)> = Vec::new();
+    for (off, data) in std::mem::take(&mut pend.chunks) {
+        match pieces.last_mut() {
+            Some((start, bytes)) if *start + bytes.len() as u64 == off => {
+                bytes.extend_from_slice(&data)
+            }
+            _ => pieces.push((off, data)),
+        }
+    }
+    let arrived: u64 = pieces.iter().map(|(_, b)| b.len() as u64).sum();
+    let (about, missing, reason) = match (pend.prov.take(), &pend.expected) {
+        (Some(prov), Some((layout, len, count))) => {
+            let mut missing: Vec<(u64, u64)> = Vec::new();
+            let have = |off: u64| {
+                pieces
+                    .iter()
+                    .any(|(s, b)| off >= *s && off < *s + b.len() as u64)
+            };
+            let mut push = |off: u64, size: u64| match missing.last_mut() {
+                Some((s, l)) if *s + *l == off => *l += size,
+                _ => missing.push((off, size)),
+            };
+            // Walk the layout's chunk offsets (bounded by what the script sends).
+            let c = layout.chunk;
+            let full_end = len - len % c;
+            let mut off = 0;
+            while off < *len {
+                if let Some(t0) = layout.tail_start(*len) {
+                    if off >= layout.head_bytes && off < t0 {
+                        off = t0;
+                        continue;
+                    }
+                }
+                let size = if off == full_end { len - full_end } else { c };
+                if !have(off) {
+                    push(off, size);
+                }
+                off += size;
+            }
+            let reason = format!(
+                "pid {} tid {tid} line {id}: {} of the {count} chunks of a {len}-byte line \
+                 arrived ({arrived} bytes, kept); bpftrace lost events, or stopped",
+                prov.pid,
+                count - missing_chunks(&missing, c),
+            );
+            let about = ReadlineLine {
+                pid: prov.pid,
+                tid,
+                ppid: prov.ppid,
+                uid: prov.uid,
+                gid: prov.gid,
+                loginuid: prov.loginuid,
+                sessionid: prov.sessionid,
+                tty: prov.tty,
+                comm: prov.comm,
+                cgroup: prov.cgroup,
+                nsecs: id,
+                probe: prov.probe,
+                line: Vec::new(),
+                len: prov.len,
+                truncated: pend.tail_start.is_some(),
+                tail: None,
+                tail_offset: pend.tail_start,
+                eof: prov.eof,
+            };
+            (Some(about), missing, reason)
+        }
+        _ => (
+            None,
+            Vec::new(),
+            format!(
+                "tid {tid} line {id}: {} bytes arrived without the line's P record (its \
+                 length and provenance were lost; bytes kept); bpftrace lost events, or stopped",
+                arrived
+            ),
+        ),
+    };
+    IncompleteLine {
+        tid,
+        id,
+        about,
+        pieces,
+        missing,
+        reason,
+    }
+}
+
+/// How many chunks of `chunk` bytes (the last one possibly shorter) the missing ranges cover.
+fn missing_chunks(missing: &[(u64, u64)], chunk: u64) -> u64 {
+    missing.iter().map(|(_, l)| l.div_ceil(chunk)).sum()
 }
 
 fn assemble(tid: u64, id: u64, pend: Pending) -> AssembledEvent {

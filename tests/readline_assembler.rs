@@ -8,7 +8,9 @@
 
 use std::time::{Duration, Instant};
 
-use bt2immu::readline::{Announced, AssembledEvent, Assembler, ReadlineLine, ReadlineOptions};
+use bt2immu::readline::{
+    Announced, AssembledEvent, Assembler, IncompleteLine, ReadlineLine, ReadlineOptions,
+};
 use proptest::prelude::*;
 
 const PID: u64 = 4242;
@@ -416,8 +418,15 @@ fn without_a_b_record_the_options_decide_the_layout() {
     assert_eq!(l.tail.as_deref(), Some(&data[35..50]));
 }
 
+fn only_incomplete(evs: &[AssembledEvent]) -> &IncompleteLine {
+    match evs {
+        [AssembledEvent::Incomplete(i)] => i,
+        _ => panic!("want exactly one incomplete line, got {evs:#?}"),
+    }
+}
+
 #[test]
-fn a_missing_chunk_waits_then_comes_out_malformed_with_every_record() {
+fn a_missing_chunk_waits_then_comes_out_incomplete_with_every_byte_that_arrived() {
     let data = text(450, 6);
     let recs = line_records(5, 1, &data);
     // Drop C 200.
@@ -434,13 +443,23 @@ fn a_missing_chunk_waits_then_comes_out_malformed_with_every_record() {
     }
     assert!(a.flush_stale(t0 + Duration::from_secs(4)).is_empty());
     let out = a.flush_stale(t0 + Duration::from_secs(5));
-    let (raw, reason) = only_malformed(&out);
-    assert_eq!(raw, joined(&kept));
-    assert!(reason.contains("2 of the 3 chunks"), "{reason}");
-    assert!(reason.contains("450-byte line"), "{reason}");
+    let inc = only_incomplete(&out);
+    assert_eq!((inc.tid, inc.id), (5, 1));
+    // Bytes 0..200 and 400..450 arrived; 200..400 did not.
+    assert_eq!(
+        inc.pieces,
+        vec![(0, data[..200].to_vec()), (400, data[400..].to_vec())]
+    );
+    assert_eq!(inc.missing, vec![(200, 200)]);
+    let about = inc.about.as_ref().expect("the P record arrived");
+    assert_eq!((about.pid, about.len, about.uid), (PID, 450, 1001));
+    assert!(about.line.is_empty() && about.tail.is_none());
+    assert!(inc.reason.contains("2 of the 3 chunks"), "{}", inc.reason);
+    assert!(inc.reason.contains("450-byte line"), "{}", inc.reason);
     assert!(
-        reason.contains(&format!("pid {PID} tid 5 line 1")),
-        "{reason}"
+        inc.reason.contains(&format!("pid {PID} tid 5 line 1")),
+        "{}",
+        inc.reason
     );
     assert!(a.finish().is_empty());
 
@@ -451,7 +470,7 @@ fn a_missing_chunk_waits_then_comes_out_malformed_with_every_record() {
 }
 
 #[test]
-fn chunks_without_their_p_record_come_out_at_finish() {
+fn chunks_without_their_p_record_come_out_at_finish_with_their_bytes() {
     let data = text(450, 7);
     let recs = line_records(5, 1, &data);
     let mut a = assembler();
@@ -461,11 +480,15 @@ fn chunks_without_their_p_record_come_out_at_finish() {
         assert!(a.push(r).is_empty());
     }
     let out = a.finish();
-    let (raw, reason) = only_malformed(&out);
-    assert_eq!(raw, joined(&chunks));
+    let inc = only_incomplete(&out);
+    assert!(inc.about.is_none());
+    assert_eq!(inc.pieces, vec![(0, data.clone())]);
+    assert!(inc.missing.is_empty(), "the length is unknown");
     assert!(
-        reason.contains("3 chunks without the line's P record"),
-        "{reason}"
+        inc.reason
+            .contains("450 bytes arrived without the line's P record"),
+        "{}",
+        inc.reason
     );
 }
 
@@ -486,7 +509,7 @@ fn a_missing_chunk_does_not_hold_up_other_lines() {
     assert_eq!(out.len(), 2, "{out:#?}");
     assert!(matches!(&out[0], AssembledEvent::Line(l) if l.line == b_data && l.tid == 6));
     assert!(
-        matches!(&out[1], AssembledEvent::Malformed { reason, .. } if reason.contains("tid 5 line 1"))
+        matches!(&out[1], AssembledEvent::Incomplete(i) if i.reason.contains("tid 5 line 1") && i.missing == vec![(0, 200)])
     );
 }
 

@@ -90,6 +90,7 @@ fn typed_lines(events: &[AssembledEvent]) -> Vec<&ReadlineLine> {
                 let raw = String::from_utf8_lossy(raw);
                 panic!("malformed: {reason}: {}", &raw[..raw.len().min(400)])
             }
+            AssembledEvent::Incomplete(i) => panic!("incomplete: {}", i.reason),
         })
         .collect()
 }

@@ -644,6 +644,13 @@ fn the_rendered_script_runs_in_bpftrace_and_captures_typed_lines() {
                 String::from_utf8_lossy(raw)
             );
         }
+        if let AssembledEvent::Incomplete(i) = e {
+            assert!(
+                i.about.as_ref().is_some_and(|l| l.pid != ours),
+                "a line of ours (or of unknown origin) came incomplete: {}",
+                i.reason
+            );
+        }
     }
     let lines: Vec<&readline::ReadlineLine> = assembled
         .iter()

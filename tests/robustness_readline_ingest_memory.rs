@@ -34,8 +34,6 @@ fn peak_rss_kb(pid: u32) -> Option<u64> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "bug: P records without chunks cost ~5 KB each (lines in flight are unbounded and \
-            are given up all in one batch): 60,000 of them (7.5 MB) take ~300 MB"]
 async fn orphan_p_records_do_not_blow_up_memory() {
     let srv = server().await;
     let work = tempfile::tempdir().unwrap();
