@@ -52,6 +52,9 @@ pub struct Pipeline {
     echo: bool,
     own_pids: std::collections::HashSet<u64>,
     pub counts: Counts,
+    /// When bpftrace died unasked; cleared, with a `capture_gap` loss record, once capture
+    /// is back.
+    down_since: Option<(chrono::DateTime<chrono::Utc>, std::time::Instant)>,
 }
 
 impl Pipeline {
@@ -71,6 +74,7 @@ impl Pipeline {
             echo,
             own_pids: [u64::from(std::process::id())].into_iter().collect(),
             counts: Counts::default(),
+            down_since: None,
         }
     }
 
@@ -135,6 +139,9 @@ impl Pipeline {
                 let event = if requested {
                     "bpftrace_stopped"
                 } else {
+                    if self.down_since.is_none() {
+                        self.down_since = Some((chrono::Utc::now(), std::time::Instant::now()));
+                    }
                     "bpftrace_died"
                 };
                 out.push(self.shaper.agent(event, d));
@@ -207,6 +214,33 @@ impl Pipeline {
         out.push(self.shaper.loss("bpftrace_lost_events", n, d));
     }
 
+    /// Capture works again after bpftrace died: whatever happened in between was not seen,
+    /// and the trail says so as a loss (of unknown size), not only as agent events.
+    fn capture_back(&mut self, out: &mut Vec<Record>) {
+        let Some((since, at)) = self.down_since.take() else {
+            return;
+        };
+        let mut d = Map::new();
+        d.insert(
+            "from".into(),
+            json!(since.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)),
+        );
+        d.insert(
+            "to".into(),
+            json!(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)),
+        );
+        d.insert("gap_ms".into(), json!(at.elapsed().as_millis() as u64));
+        d.insert(
+            "detail".into(),
+            json!("bpftrace died and was restarted: events in between were not captured"),
+        );
+        tracing::warn!(
+            gap_ms = at.elapsed().as_millis() as u64,
+            "capture resumed after bpftrace died; what happened in between was not captured"
+        );
+        out.push(self.shaper.loss_uncounted("capture_gap", d));
+    }
+
     fn handle_event(&mut self, ev: Event, out: &mut Vec<Record>) {
         match ev {
             Event::Output(line) => self.output_line(line, out),
@@ -215,6 +249,11 @@ impl Pipeline {
                 let mut d = Map::new();
                 d.insert("probes".into(), json!(probes));
                 out.push(self.shaper.agent("bpftrace_attached", d));
+                // The bashreadline script says when it is really ready (its BEGIN record);
+                // other scripts are capturing once bpftrace says it attached.
+                if !matches!(self.interp, Interpretation::Readline(_)) {
+                    self.capture_back(out);
+                }
             }
             Event::HelperError {
                 helper,
@@ -269,6 +308,7 @@ impl Pipeline {
                 }
                 if let Some(a) = ready {
                     self.counts.ready += 1;
+                    self.capture_back(out);
                     // The script's BEGIN runs after every probe is attached: from here on,
                     // every line typed is captured.
                     let mut d = Map::new();
@@ -481,4 +521,85 @@ pub fn parse_lost(line: &[u8]) -> Option<u64> {
     let s = std::str::from_utf8(line).ok()?.trim();
     let n = s.strip_prefix("Lost ")?.strip_suffix(" events")?;
     n.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::HostContext;
+    use std::time::Duration;
+
+    fn values(spool: &Arc<Mutex<Spool>>) -> Vec<Value> {
+        let mut r = spool.lock().unwrap().reader();
+        r.read_batch(10_000, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|e| serde_json::from_slice(&e.value).unwrap())
+            .collect()
+    }
+
+    fn exited(requested: bool) -> ChildMsg {
+        ChildMsg::Exited {
+            code: Some(if requested { 0 } else { 137 }),
+            signal: None,
+            ran_for: Duration::from_secs(3),
+            requested,
+        }
+    }
+
+    #[test]
+    fn a_bpftrace_death_leaves_an_uncounted_loss_once_capture_is_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        let spool = Arc::new(Mutex::new(spool));
+        let shaper = Shaper::new(HostContext::new("h".into(), "b".into()), "t", None, 1);
+        let mut p = Pipeline::new(
+            Format::Json,
+            Interpretation::Plain,
+            shaper,
+            spool.clone(),
+            false,
+        );
+        let attached = b"{\"type\": \"attached_probes\", \"data\": {\"probes\": 1}}\n";
+        p.child(ChildMsg::Started {
+            pid: 10,
+            attempt: 1,
+        })
+        .unwrap();
+        p.feed(attached).unwrap();
+        // Asked to stop: no gap.
+        p.child(exited(true)).unwrap();
+        p.child(ChildMsg::Started {
+            pid: 11,
+            attempt: 1,
+        })
+        .unwrap();
+        p.feed(attached).unwrap();
+        assert!(values(&spool).iter().all(|v| v["kind"] != "loss"));
+        // Died: the gap is recorded when capture is back, once.
+        p.child(exited(false)).unwrap();
+        p.child(ChildMsg::Started {
+            pid: 12,
+            attempt: 2,
+        })
+        .unwrap();
+        assert!(
+            values(&spool).iter().all(|v| v["kind"] != "loss"),
+            "not before it is back"
+        );
+        p.feed(attached).unwrap();
+        p.feed(attached).unwrap();
+        let losses: Vec<Value> = values(&spool)
+            .into_iter()
+            .filter(|v| v["kind"] == "loss")
+            .collect();
+        assert_eq!(losses.len(), 1, "{losses:?}");
+        assert_eq!(losses[0]["cause"], "capture_gap");
+        assert!(
+            losses[0]["count"].is_null(),
+            "an unknown count is null, not 0"
+        );
+        assert!(losses[0]["gap_ms"].as_u64().is_some());
+        assert!(losses[0]["from"].as_str().unwrap() <= losses[0]["to"].as_str().unwrap());
+    }
 }

@@ -1251,6 +1251,7 @@ fn parse_record(line: &[u8]) -> Result<Record, String> {
         .ok_or("not a BT2I2 record")?;
     let (kind, rest) = match body {
         [k, b' ', rest @ ..] => (*k, rest),
+        [k] => return Err(format!("BT2I2 {} record without fields", *k as char)),
         _ => return Err("BT2I2 record without a kind".into()),
     };
     let bad = |e: String| format!("BT2I2 {} record: {e}", kind as char);

@@ -443,6 +443,15 @@ impl Shaper {
         self.make("loss", None, m)
     }
 
+    /// A loss whose size nobody can know (e.g. lines typed while bpftrace was restarting):
+    /// `count` is null, never a made-up number.
+    pub fn loss_uncounted(&mut self, cause: &str, detail: Map<String, Value>) -> Record {
+        let mut m = detail;
+        m.insert("cause".into(), json!(cause));
+        m.insert("count".into(), Value::Null);
+        self.make("loss", None, m)
+    }
+
     /// A fact about the agent or bpftrace itself (start, stop, restart, errors).
     pub fn agent(&mut self, event: &str, detail: Map<String, Value>) -> Record {
         let mut m = detail;
