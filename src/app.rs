@@ -599,10 +599,13 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         tokio::select! {
             msg = child_rx.recv() => match msg {
                 Some(m) => {
-                    let before = pipeline.counts.ready;
+                    let (ready, attached) = (pipeline.counts.ready, pipeline.counts.attached);
                     pipeline.child(m)?;
-                    if pipeline.counts.ready > before {
+                    if pipeline.counts.ready > ready {
                         say!("bt2immu: capture ready: every line typed from now on is recorded");
+                    }
+                    if !is_readline && pipeline.counts.attached > attached {
+                        say!("bt2immu: bpftrace attached its probes: recording");
                     }
                 }
                 None => break,
@@ -1077,6 +1080,16 @@ pub async fn query(args: QueryArgs) -> Result<i32> {
                     .and_then(|l| l.as_str())
                     .map(|s| condensed(&printable(s)))
                     .unwrap_or_else(|| printable(&g("event")));
+                match v.get("kind").and_then(|k| k.as_str()) {
+                    Some("loss") => {
+                        line = format!("LOSS {} (count {}) {line}", g("cause"), g("count"))
+                    }
+                    Some("raw") => line = format!("RAW ({}) {line}", g("reason")),
+                    Some("readline") if v.get("incomplete") == Some(&json!(true)) => {
+                        line = format!("INCOMPLETE ({}) {line} …", g("reason"));
+                    }
+                    _ => {}
+                }
                 if v.get("truncated") == Some(&json!(true)) {
                     let tail = v.get("tail").and_then(|t| t.as_str()).unwrap_or("");
                     line = format!(

@@ -131,7 +131,8 @@ pub struct RunArgs {
     /// bpftrace output mode for your own scripts (the bashreadline script always uses json).
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub bpftrace_format: OutputFormat,
-    /// Name of the record source (key prefix); default: the script's file name.
+    /// Name of the record source (key prefix); default: `bash` for the bashreadline script,
+    /// else the script's file name without `.bt` (`bpftrace` for -e).
     #[arg(long)]
     pub source: Option<String>,
 }

@@ -41,6 +41,8 @@ pub struct Counts {
     /// Typed lines that did not arrive whole (stored flagged, with what arrived); part of
     /// `raw`.
     pub incomplete_lines: u64,
+    /// Times bpftrace said its probes were attached.
+    pub attached: u64,
 }
 
 pub struct Pipeline {
@@ -246,6 +248,7 @@ impl Pipeline {
             Event::Output(line) => self.output_line(line, out),
             Event::Lost { events } => self.lost(events, out),
             Event::Attached { probes } => {
+                self.counts.attached += 1;
                 let mut d = Map::new();
                 d.insert("probes".into(), json!(probes));
                 out.push(self.shaper.agent("bpftrace_attached", d));
