@@ -441,6 +441,26 @@ fn ensure_tracefs() {
     }
 }
 
+/// What the bashreadline script is rendered for: the binaries to probe (the given shells, or
+/// bash from `/etc/shells`) and the line limit.
+fn readline_setup(
+    shells: &[std::path::PathBuf],
+    max_line_bytes: usize,
+) -> Result<(Vec<readline::ProbeTarget>, readline::ReadlineOptions)> {
+    let shells = if shells.is_empty() {
+        readline::default_shells()
+    } else {
+        shells.to_vec()
+    };
+    let targets =
+        readline::locate_targets(&shells).context("finding the readline functions to probe")?;
+    let opts = readline::ReadlineOptions {
+        max_line_bytes,
+        ..Default::default()
+    };
+    Ok((targets, opts))
+}
+
 pub async fn run(args: RunArgs) -> Result<i32> {
     if unsafe { libc::geteuid() } != 0 {
         say!("bt2immu: warning: not running as root; bpftrace needs root (sudo) to attach probes");
@@ -461,20 +481,7 @@ pub async fn run(args: RunArgs) -> Result<i32> {
 
     // What to run: the bashreadline protocol is rendered for this host's binaries.
     let (format, interp, program_file, env) = if is_readline {
-        let shells = if args.shells.is_empty() {
-            readline::default_shells()
-        } else {
-            args.shells.clone()
-        };
-        let targets =
-            readline::locate_targets(&shells).context("finding the readline functions to probe")?;
-        if targets.is_empty() {
-            bail!("no readline function found to probe in {shells:?} or the libreadline they load");
-        }
-        let opts = readline::ReadlineOptions {
-            max_line_bytes: args.max_line_bytes,
-            ..Default::default()
-        };
+        let (targets, opts) = readline_setup(&args.shells, args.max_line_bytes)?;
         let rendered = readline::render_script(&source_text, &targets, &opts)
             .context("preparing the bashreadline script")?;
         for t in &targets {
@@ -859,17 +866,7 @@ pub fn check(args: CheckArgs) -> Result<i32> {
                 "--render is for the bashreadline script; other scripts run as written",
             ));
         }
-        let shells = if args.shells.is_empty() {
-            readline::default_shells()
-        } else {
-            args.shells.clone()
-        };
-        let targets =
-            readline::locate_targets(&shells).context("finding the readline functions to probe")?;
-        let opts = readline::ReadlineOptions {
-            max_line_bytes: args.max_line_bytes,
-            ..Default::default()
-        };
+        let (targets, opts) = readline_setup(&args.shells, args.max_line_bytes)?;
         let rendered = readline::render_script(&text, &targets, &opts)
             .map_err(|e| exit(cli::EXIT_USAGE, format!("{e}")))?;
         let env: Vec<String> = readline::bpftrace_env(&opts)?

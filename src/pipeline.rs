@@ -379,18 +379,7 @@ impl Pipeline {
                          its head and its tail was not captured (raise --max-line-bytes)"
                     );
                 }
-                let p = Process {
-                    pid: Some(l.pid),
-                    tid: Some(l.tid),
-                    ppid: Some(l.ppid),
-                    uid: Some(l.uid),
-                    gid: Some(l.gid),
-                    loginuid: Some(l.loginuid),
-                    sessionid: Some(l.sessionid),
-                    tty: crate::record::tty_name(&l.tty),
-                    comm: Some(String::from_utf8_lossy(&l.comm).into_owned()),
-                    cgroup: Some(l.cgroup),
-                };
+                let p = process_of(&l);
                 let mut extra = Map::new();
                 if let Some(off) = l.tail_offset {
                     extra.insert("tail_offset".into(), json!(off));
@@ -422,18 +411,7 @@ impl Pipeline {
                     tracing::warn!(tid = inc.tid, count = n, "{}", inc.reason);
                 }
                 let p = match &inc.about {
-                    Some(l) => Process {
-                        pid: Some(l.pid),
-                        tid: Some(l.tid),
-                        ppid: Some(l.ppid),
-                        uid: Some(l.uid),
-                        gid: Some(l.gid),
-                        loginuid: Some(l.loginuid),
-                        sessionid: Some(l.sessionid),
-                        tty: crate::record::tty_name(&l.tty),
-                        comm: Some(String::from_utf8_lossy(&l.comm).into_owned()),
-                        cgroup: Some(l.cgroup),
-                    },
+                    Some(l) => process_of(l),
                     None => Process {
                         tid: Some(inc.tid),
                         ..Process::default()
@@ -516,6 +494,22 @@ impl Pipeline {
             let _ = lock.flush();
         }
         Ok(())
+    }
+}
+
+/// What the readline probe saw of the task that typed a line.
+fn process_of(l: &readline::ReadlineLine) -> Process {
+    Process {
+        pid: Some(l.pid),
+        tid: Some(l.tid),
+        ppid: Some(l.ppid),
+        uid: Some(l.uid),
+        gid: Some(l.gid),
+        loginuid: Some(l.loginuid),
+        sessionid: Some(l.sessionid),
+        tty: crate::record::tty_name(&l.tty),
+        comm: Some(String::from_utf8_lossy(&l.comm).into_owned()),
+        cgroup: Some(l.cgroup),
     }
 }
 

@@ -1097,26 +1097,7 @@ fn incomplete(tid: u64, id: u64, mut pend: Pending) -> IncompleteLine {
                 prov.pid,
                 count - missing_chunks(&missing, c),
             );
-            let about = ReadlineLine {
-                pid: prov.pid,
-                tid,
-                ppid: prov.ppid,
-                uid: prov.uid,
-                gid: prov.gid,
-                loginuid: prov.loginuid,
-                sessionid: prov.sessionid,
-                tty: prov.tty,
-                comm: prov.comm,
-                cgroup: prov.cgroup,
-                nsecs: id,
-                probe: prov.probe,
-                line: Vec::new(),
-                len: prov.len,
-                truncated: pend.tail_start.is_some(),
-                tail: None,
-                tail_offset: pend.tail_start,
-                eof: prov.eof,
-            };
+            let about = typed_line(tid, id, prov, Vec::new(), None, pend.tail_start);
             (Some(about), missing, reason)
         }
         _ => (
@@ -1156,7 +1137,19 @@ fn assemble(tid: u64, id: u64, pend: Pending) -> AssembledEvent {
             _ => line.extend_from_slice(&data),
         }
     }
-    AssembledEvent::Line(ReadlineLine {
+    AssembledEvent::Line(typed_line(tid, id, prov, line, tail, pend.tail_start))
+}
+
+/// A line with the provenance of its P record.
+fn typed_line(
+    tid: u64,
+    id: u64,
+    prov: Prov,
+    line: Vec<u8>,
+    tail: Option<Vec<u8>>,
+    tail_offset: Option<u64>,
+) -> ReadlineLine {
+    ReadlineLine {
         pid: prov.pid,
         tid,
         ppid: prov.ppid,
@@ -1171,11 +1164,11 @@ fn assemble(tid: u64, id: u64, pend: Pending) -> AssembledEvent {
         probe: prov.probe,
         line,
         len: prov.len,
-        truncated: pend.tail_start.is_some(),
-        tail_offset: pend.tail_start,
+        truncated: tail_offset.is_some(),
+        tail_offset,
         tail,
         eof: prov.eof,
-    })
+    }
 }
 
 fn malformed(raws: Vec<Vec<u8>>, reason: impl Into<String>) -> AssembledEvent {
