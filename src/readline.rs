@@ -1270,22 +1270,14 @@ fn parse_record(line: &[u8]) -> Result<Record, String> {
             }
             Ok(Record::Begin(a))
         }
-        b'C' => {
+        // C: hex (`%rx`) chunks; S: the last partial chunk as a string.
+        b'C' | b'S' => {
             let f = fields(rest, 4).map_err(bad)?;
-            let data = unhex(f[3]).map_err(bad)?;
-            if data.is_empty() {
-                return Err(bad("empty chunk".into()));
-            }
-            Ok(Record::Chunk {
-                tid: num(f[0], "tid").map_err(bad)?,
-                id: num(f[1], "id").map_err(bad)?,
-                off: num(f[2], "offset").map_err(bad)?,
-                data,
-            })
-        }
-        b'S' => {
-            let f = fields(rest, 4).map_err(bad)?;
-            let data = f[3].to_vec();
+            let data = if kind == b'C' {
+                unhex(f[3]).map_err(bad)?
+            } else {
+                f[3].to_vec()
+            };
             if data.is_empty() {
                 return Err(bad("empty chunk".into()));
             }
