@@ -388,6 +388,13 @@ impl Pipeline {
                     // Ctrl-D at an empty prompt: the shell got end-of-file, not a line.
                     extra.insert("eof".into(), json!(true));
                 }
+                if l.executed {
+                    // Not typed as a line: run from the editor (C-x C-e, fc) or a bind -x key.
+                    extra.insert("executed".into(), json!(true));
+                    if l.executed_cut {
+                        extra.insert("executed_cut".into(), json!(true));
+                    }
+                }
                 let typed = TypedLine {
                     probe: &l.probe,
                     line: &l.line,

@@ -57,6 +57,12 @@ pub const DEFAULT_MAX_LINE_BYTES: usize = 1024 * 1024;
 pub const SYMBOL: &str = "readline_internal_teardown";
 /// readline's globals the entry program reads: the line's length and its buffer.
 pub const DATA_SYMBOLS: [&str; 2] = ["rl_end", "rl_line_buffer"];
+/// The most bytes of a command run without readline that the script sends (`EXEC_BYTES`).
+pub const EXEC_MAX_BYTES: u64 = 32_768;
+/// bash's own functions through which it runs commands that readline did not return.
+pub const SHELL_SYMBOLS: [&str; 2] = ["parse_and_execute", "fc_execute_file"];
+const SHELL_BEGIN: &str = "// bt2immu:shell-begin";
+const SHELL_END: &str = "// bt2immu:shell-end";
 
 #[derive(Debug, Error)]
 pub enum ReadlineError {
@@ -104,6 +110,10 @@ pub struct ProbeTarget {
     pub rl_end: u64,
     /// `rl_line_buffer` (char *: the line).
     pub rl_line_buffer: u64,
+    /// The shell binary whose own `parse_and_execute` and `fc_execute_file` are probed for
+    /// commands run without readline accepting a line (C-x C-e, `fc`, `bind -x`); `None`
+    /// when the shell does not export them.
+    pub shell: Option<PathBuf>,
 }
 
 impl fmt::Display for ProbeTarget {
@@ -223,6 +233,10 @@ pub fn locate_targets(shells: &[PathBuf]) -> Result<Vec<ProbeTarget>, ReadlineEr
             continue;
         };
         let info = elf_info(&real)?;
+        let shell = SHELL_SYMBOLS
+            .iter()
+            .all(|f| info.defines(f))
+            .then(|| real.clone());
         let mut target = info.target(&real);
         if target.is_none() {
             if info.defines(SYMBOL) {
@@ -247,7 +261,8 @@ pub fn locate_targets(shells: &[PathBuf]) -> Result<Vec<ProbeTarget>, ReadlineEr
                 ));
             }
         }
-        if let Some(t) = target {
+        if let Some(mut t) = target {
+            t.shell = shell;
             if !out.contains(&t) {
                 out.push(t);
             }
@@ -298,6 +313,7 @@ impl ElfInfo {
             teardown: self.function(SYMBOL)?,
             rl_end: self.object(DATA_SYMBOLS[0])?,
             rl_line_buffer: self.object(DATA_SYMBOLS[1])?,
+            shell: None,
         })
     }
 
@@ -446,18 +462,36 @@ pub fn render_script(
     }
     let head_bytes = opts.head_bytes()?;
     let parts = opts.parts()?;
-    let mut paths = Vec::new();
-    for t in targets {
-        let path = t.binary.to_string_lossy().into_owned();
-        let path_ok = path.starts_with('/')
+    let safe_path = |p: &Path| {
+        let path = p.to_string_lossy().into_owned();
+        let ok = path.starts_with('/')
             && path
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"._+-/".contains(&b));
-        if !path_ok {
-            return Err(ReadlineError::UnsafeTarget(path));
+        if ok {
+            Ok(path)
+        } else {
+            Err(ReadlineError::UnsafeTarget(path))
         }
-        paths.push(path);
+    };
+    // One probe per file: two shells loading the same libreadline share its probes.
+    let mut unique: Vec<&ProbeTarget> = Vec::new();
+    let mut paths = Vec::new();
+    let mut shells: Vec<String> = Vec::new();
+    for t in targets {
+        let path = safe_path(&t.binary)?;
+        if !paths.contains(&path) {
+            paths.push(path);
+            unique.push(t);
+        }
+        if let Some(sh) = &t.shell {
+            let sh = safe_path(sh)?;
+            if !shells.contains(&sh) {
+                shells.push(sh);
+            }
+        }
     }
+    let targets = unique;
     let returns = paths
         .iter()
         .map(|p| format!("uretprobe:{p}:{SYMBOL}"))
@@ -474,6 +508,7 @@ pub fn render_script(
         let (end_marker, kind) = match marker {
             ENTRY_BEGIN => (ENTRY_END, ENTRY_BEGIN),
             PART_BEGIN => (PART_END, PART_BEGIN),
+            SHELL_BEGIN => (SHELL_END, SHELL_BEGIN),
             _ => {
                 expanded.push(lines[i].to_string());
                 i += 1;
@@ -491,7 +526,7 @@ pub fn render_script(
                 .iter()
                 .position(|l| !l.trim().is_empty() && !l.trim_start().starts_with("//"))
                 .ok_or(ReadlineError::NoBlock(ENTRY_BEGIN))?;
-            for (t, path) in targets.iter().zip(&paths) {
+            for (t, path) in targets.iter().copied().zip(&paths) {
                 for (j, l) in block.iter().enumerate() {
                     if j == attach {
                         expanded.push(format!("uprobe:{path}:{SYMBOL}"));
@@ -505,6 +540,19 @@ pub fn render_script(
                         &format!("{:#x}", t.rl_line_buffer),
                     );
                     expanded.push(l);
+                }
+                expanded.push(String::new());
+            }
+        } else if kind == SHELL_BEGIN {
+            // Attach points name the template's `/bin/bash`; each copy names one shell.
+            for sh in &shells {
+                for l in block {
+                    let is_attach = l.starts_with("uprobe:/") || l.starts_with("uretprobe:/");
+                    expanded.push(if is_attach {
+                        l.replacen("/bin/bash:", &format!("{sh}:"), 1)
+                    } else {
+                        l.to_string()
+                    });
                 }
                 expanded.push(String::new());
             }
@@ -621,6 +669,12 @@ pub struct ReadlineLine {
     pub tail_offset: Option<u64>,
     /// The shell read end-of-file (Ctrl-D on an empty line); `line` is empty.
     pub eof: bool,
+    /// Not a line readline returned: a command bash ran from the editor (C-x C-e, `fc`) or
+    /// a `bind -x` key. `probe` says which function saw it.
+    pub executed: bool,
+    /// For `executed`: longer than the script's EXEC_BYTES; `line` is its start and `len`
+    /// how much of it was read.
+    pub executed_cut: bool,
 }
 
 /// A line that did not arrive whole (bpftrace lost events, or stopped before the rest came):
@@ -733,6 +787,8 @@ impl Announced {
 #[derive(Debug)]
 struct Prov {
     pid: u64,
+    /// From a Q record (see [`ReadlineLine::executed`]); `Some(cut)`.
+    executed: Option<bool>,
     stored: bool,
     eof: bool,
     len: u64,
@@ -911,6 +967,17 @@ impl Assembler {
                     if !p.stored {
                         self.unstored.insert(tid);
                     }
+                    // An executed command is sent whole (it is at most EXEC_MAX_BYTES) by one
+                    // program: its layout has no head limit and no tail.
+                    let layout = if p.executed.is_some() {
+                        Announced {
+                            chunk: layout.chunk,
+                            head_bytes: p.len.div_ceil(layout.chunk).max(1) * layout.chunk,
+                            tail_bytes: 0,
+                        }
+                    } else {
+                        layout
+                    };
                     let count = if p.eof { 0 } else { layout.chunk_count(p.len) };
                     pend.expected = Some((layout, p.len, count));
                     pend.tail_start = layout.tail_start(p.len);
@@ -1168,6 +1235,8 @@ fn typed_line(
         tail_offset,
         tail,
         eof: prov.eof,
+        executed: prov.executed.is_some(),
+        executed_cut: prov.executed == Some(true),
     }
 }
 
@@ -1288,6 +1357,33 @@ fn parse_record(line: &[u8]) -> Result<Record, String> {
                 data,
             })
         }
+        b'Q' => {
+            let f = fields(rest, 14).map_err(bad)?;
+            let p = Prov {
+                pid: num(f[0], "pid").map_err(bad)?,
+                executed: Some(flag(f[3], "cut").map_err(bad)?),
+                stored: true,
+                eof: false,
+                len: num(f[4], "len").map_err(bad)?,
+                ppid: num(f[5], "ppid").map_err(bad)?,
+                uid: num(f[6], "uid").map_err(bad)?,
+                gid: num(f[7], "gid").map_err(bad)?,
+                loginuid: num(f[8], "loginuid").map_err(bad)?,
+                sessionid: num(f[9], "sessionid").map_err(bad)?,
+                cgroup: num(f[10], "cgroup").map_err(bad)?,
+                probe: String::from_utf8_lossy(f[11]).into_owned(),
+                tty: f[12].to_vec(),
+                comm: f[13].to_vec(),
+            };
+            if p.len > EXEC_MAX_BYTES {
+                return Err(bad(format!("length {} over {EXEC_MAX_BYTES}", p.len)));
+            }
+            Ok(Record::Prov(
+                num(f[1], "tid").map_err(bad)?,
+                num(f[2], "id").map_err(bad)?,
+                Box::new(p),
+            ))
+        }
         b'M' => {
             let f = fields(rest, 3).map_err(bad)?;
             Ok(Record::Missing {
@@ -1300,6 +1396,7 @@ fn parse_record(line: &[u8]) -> Result<Record, String> {
             let f = fields(rest, 15).map_err(bad)?;
             let p = Prov {
                 pid: num(f[0], "pid").map_err(bad)?,
+                executed: None,
                 stored: flag(f[3], "stored").map_err(bad)?,
                 eof: flag(f[4], "eof").map_err(bad)?,
                 len: num(f[5], "len").map_err(bad)?,

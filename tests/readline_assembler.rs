@@ -203,9 +203,61 @@ fn short_line_is_one_s_record_with_all_provenance() {
             tail: None,
             tail_offset: None,
             eof: false,
+            executed: false,
+            executed_cut: false,
         }
     );
     assert!(a.finish().is_empty());
+}
+
+/// A Q record: bash is about to run a command readline did not return (C-x C-e, bind -x).
+fn q(tid: u64, id: u64, cut: bool, len: u64) -> Vec<u8> {
+    format!(
+        "BT2I2 Q {PID} {tid} {id} {} {len} 1000 1001 1002 4294967295 7 12345 \
+         uprobe:/usr/bin/bash:parse_and_execute pts3 bash",
+        cut as u8
+    )
+    .into_bytes()
+}
+
+#[test]
+fn an_executed_command_is_a_whole_line_whatever_the_head_limit() {
+    // 450 bytes with a 200-byte head: a typed line would be cut; an executed command (at most
+    // 32 KiB, sent whole by one program) is not.
+    let data = text(450, 11);
+    let mut recs = vec![begin(200, 200, 200), q(9, 42, false, 450)];
+    recs.push(c(9, 42, 0, &data[..200]));
+    recs.push(c(9, 42, 200, &data[200..400]));
+    recs.push(s(9, 42, 400, &data[400..]));
+    let out = run(&recs);
+    let l = only_line(&out);
+    assert_eq!(l.line, data);
+    assert_eq!(l.len, 450);
+    assert!(l.executed && !l.executed_cut && !l.truncated && l.tail.is_none());
+    assert_eq!(l.probe, "uprobe:/usr/bin/bash:parse_and_execute");
+
+    // Cut at the script's limit: flagged, with what was read.
+    let big = text(32_768, 12);
+    let mut recs = vec![q(9, 43, true, 32_768)];
+    for off in (0..32_768).step_by(200) {
+        let end = (off + 200).min(32_768);
+        recs.push(if end - off == 200 {
+            c(9, 43, off as u64, &big[off..end])
+        } else {
+            s(9, 43, off as u64, &big[off..end])
+        });
+    }
+    let out = run(&recs);
+    let l = only_line(&out);
+    assert!(l.executed && l.executed_cut);
+    assert_eq!(l.line, big);
+
+    // A Q record claiming more than the script can send is not believed.
+    let out = run(&[q(9, 44, false, 40_000)]);
+    assert!(
+        matches!(&out[..], [AssembledEvent::Malformed { reason, .. }] if reason.contains("over 32768")),
+        "{out:?}"
+    );
 }
 
 #[test]
@@ -662,7 +714,8 @@ fn undecodable_records_are_malformed_and_kept_whole() {
             b"BT2I2 P 1 2 3 2 0 5 1 1 1 1 1 1 probe tty comm".to_vec(),
             "bad stored",
         ),
-        (b"BT2I2 Q 1 2 3".to_vec(), "unknown BT2I2 record kind"),
+        (b"BT2I2 Q 1 2 3".to_vec(), "expected 14 fields"),
+        (b"BT2I2 Z 1 2 3".to_vec(), "unknown BT2I2 record kind"),
         (b"BT2I2 ".to_vec(), "without a kind"),
         (b"BT2I1 C 5 1 0 \\x41".to_vec(), "not a BT2I2 record"),
         (b"hello from someone else".to_vec(), "not a BT2I2 record"),

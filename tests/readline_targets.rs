@@ -47,11 +47,21 @@ fn nm_values(path: &Path) -> ProbeTarget {
         );
         hits[0]
     };
+    // bash's own functions for commands run without readline: probed in the file that
+    // defines both (bash itself; never libreadline).
+    let defines = |name: &str| {
+        text.lines().any(|l| {
+            l.split_whitespace().collect::<Vec<_>>()[..]
+                == [l.split_whitespace().next().unwrap_or(""), "T", name]
+        })
+    };
+    let binary = std::fs::canonicalize(path).unwrap();
     ProbeTarget {
-        binary: std::fs::canonicalize(path).unwrap(),
         teardown: find("readline_internal_teardown", &["T", "t"]),
         rl_end: find("rl_end", &["B", "b", "D", "d"]),
         rl_line_buffer: find("rl_line_buffer", &["B", "b", "D", "d"]),
+        shell: (defines("parse_and_execute") && defines("fc_execute_file")).then(|| binary.clone()),
+        binary,
     }
 }
 
@@ -77,6 +87,7 @@ fn target(binary: &str, teardown: u64, rl_end: u64, rl_line_buffer: u64) -> Prob
         teardown,
         rl_end,
         rl_line_buffer,
+        shell: None,
     }
 }
 
@@ -301,8 +312,10 @@ fn idents(line: &str) -> Vec<String> {
 #[test]
 fn render_writes_one_entry_per_target_and_one_head_program_per_part() {
     let tpl = template();
+    let mut bash = target("/usr/bin/bash", 0xc5800, 0x13e358, 0x13e1e0);
+    bash.shell = Some("/usr/bin/bash".into());
     let targets = vec![
-        target("/usr/bin/bash", 0xc5800, 0x13e358, 0x13e1e0),
+        bash,
         target(
             "/usr/lib/x86_64-linux-gnu/libreadline.so.8.2",
             0x2a3b0,
@@ -337,7 +350,10 @@ fn render_writes_one_entry_per_target_and_one_head_program_per_part() {
     // Entry programs: one per target, in order, with that target's values.
     let entries: Vec<&(Vec<String>, Vec<String>)> = progs
         .iter()
-        .filter(|(a, _)| a.iter().any(|l| l.starts_with("uprobe:")))
+        .filter(|(a, _)| {
+            a.iter()
+                .any(|l| l.starts_with("uprobe:") && l.contains(":readline_internal_teardown"))
+        })
         .collect();
     assert_eq!(entries.len(), 2);
     for ((attach, body), t) in entries.iter().zip(&targets) {
@@ -376,7 +392,10 @@ fn render_writes_one_entry_per_target_and_one_head_program_per_part() {
     let want_attach = vec![format!("{},", all_returns[0]), all_returns[1].clone()];
     let returns: Vec<&(Vec<String>, Vec<String>)> = progs
         .iter()
-        .filter(|(a, _)| a.iter().any(|l| l.contains("uretprobe:")))
+        .filter(|(a, _)| {
+            a.iter()
+                .any(|l| l.contains("uretprobe:") && l.contains(":readline_internal_teardown"))
+        })
         .collect();
     assert_eq!(
         returns.len(),
@@ -411,6 +430,40 @@ fn render_writes_one_entry_per_target_and_one_head_program_per_part() {
             }
         }
     }
+    // bash's own functions are probed once, in the shell that defines them, never in
+    // libreadline.
+    let shell_progs: Vec<&Vec<String>> = progs
+        .iter()
+        .map(|(a, _)| a)
+        .filter(|a| {
+            a.iter()
+                .any(|l| l.contains(":parse_and_execute") || l.contains(":fc_execute_file"))
+        })
+        .collect();
+    assert_eq!(
+        shell_progs,
+        vec![
+            &vec!["uprobe:/usr/bin/bash:fc_execute_file".to_string()],
+            &vec!["uretprobe:/usr/bin/bash:fc_execute_file".to_string()],
+            &vec![
+                "uprobe:/usr/bin/bash:parse_and_execute".to_string(),
+                "/@fc[tid] != 0 || strncmp(str(arg1), \"bash_execute_unix_command\", 26) == 0/"
+                    .to_string()
+            ],
+        ]
+    );
+    // Without a shell that defines them, the block is left out.
+    let no_shell: Vec<ProbeTarget> = targets
+        .iter()
+        .cloned()
+        .map(|mut t| {
+            t.shell = None;
+            t
+        })
+        .collect();
+    let bare = render_script(&tpl, &no_shell, &o).unwrap();
+    assert!(!bare.contains(":parse_and_execute") && !bare.contains(":fc_execute_file"));
+
     // Nothing else changed: the rendered script minus the copies is the template's length.
     let tpl_programs = programs(&tpl);
     assert_eq!(
@@ -610,11 +663,13 @@ fn the_rendered_script_runs_in_bpftrace_and_captures_typed_lines() {
     let mut events = dec.push(&out.stdout);
     events.extend(dec.finish());
     let parts = o.parts().unwrap() as u64;
-    let probes = 3 + targets.len() as u64 * (1 + parts + 2);
+    // bash's own functions (fc_execute_file in and out, parse_and_execute): in bash only.
+    let probes = 3 + targets.len() as u64 * (1 + parts + 2) + 3;
     assert_eq!(
         events.first(),
         Some(&Event::Attached { probes }),
-        "BEGIN, END, exit tracepoint; per target the entry, {parts} head parts, tail, last chunk"
+        "BEGIN, END, exit tracepoint; per target the entry, {parts} head parts, tail, last \
+         chunk; bash's fc_execute_file (in, out) and parse_and_execute"
     );
     let outputs: Vec<Vec<u8>> = events
         .into_iter()

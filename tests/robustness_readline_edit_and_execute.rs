@@ -3,7 +3,8 @@
 //! a line. bash calls `rl_newline`, writes the line to a file, runs `fc -e "$EDITOR"` on it and
 //! executes what the editor saved, then resets readline's state (`rl_done = 0`): readline's
 //! `readline_internal_teardown`, the function the capture probes, never runs. Neither the text
-//! typed at the prompt nor the command executed appears in the trail, and nothing says so.
+//! typed at the prompt nor the command executed appeared in the trail. Now the script also
+//! probes bash's `parse_and_execute` under `fc_execute_file`, and for `bind -x` commands.
 //!
 //! Reproduction (as root, `bt2immu run scripts/bashreadline.bt --stdout` running): in an
 //! interactive bash, `export EDITOR=/tmp/ed.sh` (a script that writes
@@ -46,9 +47,7 @@ fn require_root_tools() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "bug: a command run through edit-and-execute-command (C-x C-e) leaves no record: \
-            readline_internal_teardown is never called for it"]
-async fn a_line_sent_to_the_editor_with_c_x_c_e_is_recorded() {
+async fn commands_run_from_the_editor_and_from_bind_x_are_recorded() {
     require_root_tools();
     let work = tempfile::tempdir().unwrap();
     let server = LocalImmudb::start(LocalImmudbOptions {
@@ -131,6 +130,10 @@ async fn a_line_sent_to_the_editor_with_c_x_c_e_is_recorded() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // A key bound to a shell command runs it without any line being accepted either.
+    sh.line("bind -x '\"\\C-t\": echo BOUND-KEY-RAN'");
+    sh.key("C-t");
+    sh.wait_for("\nBOUND-KEY-RAN", Duration::from_secs(20));
     sh.line("echo after-the-editor");
     wait_for(
         "after-the-editor",
@@ -155,14 +158,36 @@ async fn a_line_sent_to_the_editor_with_c_x_c_e_is_recorded() {
         mentions("export EDITOR="),
         "the shell's lines were not captured at all"
     );
-    assert!(
-        mentions("typed-then-edited") || mentions("EDITED-BY-EDITOR"),
-        "the line typed and sent to the editor with C-x C-e (and the command that ran from \
-         it) left no record; the shell's records: {:?}",
+    let executed: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["pid"] == pid && r["executed"] == true)
+        .collect();
+    let shown = || {
         records
             .iter()
             .filter(|r| r["pid"] == pid)
             .map(|r| r["line"].to_string())
             .collect::<Vec<_>>()
+    };
+    // What the editor saved is what ran: it is recorded exactly, as an executed command.
+    let edited = format!("echo EDITED-BY-EDITOR > {}\n", ran.display());
+    assert!(
+        executed.iter().any(|r| r["line"] == edited.as_str()),
+        "the command run from the editor (C-x C-e) left no record; the shell's records: {:?}",
+        shown()
     );
+    assert!(
+        executed.iter().any(|r| r["line"] == "echo BOUND-KEY-RAN"),
+        "the bind -x command left no record; the shell's records: {:?}",
+        shown()
+    );
+    for r in &executed {
+        assert_eq!(r["kind"], "readline");
+        assert_eq!(r["uid"], 0);
+        assert!(
+            r["probe"].as_str().unwrap().ends_with(":parse_and_execute"),
+            "{r}"
+        );
+        assert_eq!(r["len"], r["line"].as_str().unwrap().len());
+    }
 }
