@@ -395,6 +395,13 @@ impl Pipeline {
                         extra.insert("executed_cut".into(), json!(true));
                     }
                 }
+                if l.line_editing_off {
+                    // Read from the terminal without readline (`set +o emacs`, --noediting).
+                    extra.insert("line_editing_off".into(), json!(true));
+                    if l.executed_cut {
+                        extra.insert("read_cut".into(), json!(true));
+                    }
+                }
                 let typed = TypedLine {
                     probe: &l.probe,
                     line: &l.line,

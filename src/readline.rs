@@ -59,8 +59,17 @@ pub const SYMBOL: &str = "readline_internal_teardown";
 pub const DATA_SYMBOLS: [&str; 2] = ["rl_end", "rl_line_buffer"];
 /// The most bytes of a command run without readline that the script sends (`EXEC_BYTES`).
 pub const EXEC_MAX_BYTES: u64 = 32_768;
-/// bash's own functions through which it runs commands that readline did not return.
-pub const SHELL_SYMBOLS: [&str; 2] = ["parse_and_execute", "fc_execute_file"];
+/// The most bytes of one read without readline that the script sends (`READ_BYTES`).
+pub const READ_MAX_BYTES: u64 = 4096;
+/// bash's own functions: through the first two it runs commands that readline did not
+/// return; the third switches its input away from readline.
+pub const SHELL_SYMBOLS: [&str; 3] = [
+    "parse_and_execute",
+    "fc_execute_file",
+    "with_input_from_stream",
+];
+/// bash's flags the read programs check: line editing off, and interactive.
+pub const SHELL_DATA_SYMBOLS: [&str; 2] = ["no_line_editing", "interactive_shell"];
 const SHELL_BEGIN: &str = "// bt2immu:shell-begin";
 const SHELL_END: &str = "// bt2immu:shell-end";
 
@@ -110,10 +119,22 @@ pub struct ProbeTarget {
     pub rl_end: u64,
     /// `rl_line_buffer` (char *: the line).
     pub rl_line_buffer: u64,
-    /// The shell binary whose own `parse_and_execute` and `fc_execute_file` are probed for
-    /// commands run without readline accepting a line (C-x C-e, `fc`, `bind -x`); `None`
-    /// when the shell does not export them.
-    pub shell: Option<PathBuf>,
+    /// The shell binary whose own functions are probed for input that bypasses readline:
+    /// commands run without readline accepting a line (C-x C-e, `fc`, `bind -x`) and lines
+    /// read with line editing off; `None` when the shell does not export what is needed.
+    pub shell: Option<ShellTarget>,
+}
+
+/// A bash binary with the symbols [`SHELL_SYMBOLS`] and [`SHELL_DATA_SYMBOLS`].
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ShellTarget {
+    pub path: PathBuf,
+    /// `with_input_from_stream`: called when bash stops using readline.
+    pub with_input_from_stream: u64,
+    /// `no_line_editing` (int).
+    pub no_line_editing: u64,
+    /// `interactive_shell` (int).
+    pub interactive_shell: u64,
 }
 
 impl fmt::Display for ProbeTarget {
@@ -233,10 +254,7 @@ pub fn locate_targets(shells: &[PathBuf]) -> Result<Vec<ProbeTarget>, ReadlineEr
             continue;
         };
         let info = elf_info(&real)?;
-        let shell = SHELL_SYMBOLS
-            .iter()
-            .all(|f| info.defines(f))
-            .then(|| real.clone());
+        let shell = info.shell_target(&real);
         let mut target = info.target(&real);
         if target.is_none() {
             if info.defines(SYMBOL) {
@@ -314,6 +332,20 @@ impl ElfInfo {
             rl_end: self.object(DATA_SYMBOLS[0])?,
             rl_line_buffer: self.object(DATA_SYMBOLS[1])?,
             shell: None,
+        })
+    }
+
+    /// The shell target, when the file is a bash that exports everything the shell block
+    /// of the script reads.
+    pub fn shell_target(&self, path: &Path) -> Option<ShellTarget> {
+        if !SHELL_SYMBOLS[..2].iter().all(|f| self.defines(f)) {
+            return None;
+        }
+        Some(ShellTarget {
+            path: path.to_path_buf(),
+            with_input_from_stream: self.function(SHELL_SYMBOLS[2])?,
+            no_line_editing: self.object(SHELL_DATA_SYMBOLS[0])?,
+            interactive_shell: self.object(SHELL_DATA_SYMBOLS[1])?,
         })
     }
 
@@ -477,7 +509,7 @@ pub fn render_script(
     // One probe per file: two shells loading the same libreadline share its probes.
     let mut unique: Vec<&ProbeTarget> = Vec::new();
     let mut paths = Vec::new();
-    let mut shells: Vec<String> = Vec::new();
+    let mut shells: Vec<(String, &ShellTarget)> = Vec::new();
     for t in targets {
         let path = safe_path(&t.binary)?;
         if !paths.contains(&path) {
@@ -485,9 +517,9 @@ pub fn render_script(
             unique.push(t);
         }
         if let Some(sh) = &t.shell {
-            let sh = safe_path(sh)?;
-            if !shells.contains(&sh) {
-                shells.push(sh);
+            let path = safe_path(&sh.path)?;
+            if !shells.iter().any(|(p, _)| *p == path) {
+                shells.push((path, sh));
             }
         }
     }
@@ -545,14 +577,29 @@ pub fn render_script(
             }
         } else if kind == SHELL_BEGIN {
             // Attach points name the template's `/bin/bash`; each copy names one shell.
-            for sh in &shells {
+            for (path, sh) in &shells {
                 for l in block {
                     let is_attach = l.starts_with("uprobe:/") || l.starts_with("uretprobe:/");
-                    expanded.push(if is_attach {
-                        l.replacen("/bin/bash:", &format!("{sh}:"), 1)
-                    } else {
-                        l.to_string()
-                    });
+                    if is_attach {
+                        expanded.push(l.replacen("/bin/bash:", &format!("{path}:"), 1));
+                        continue;
+                    }
+                    let mut l = replace_word(
+                        l,
+                        "WITH_INPUT_FROM_STREAM_SYM",
+                        &format!("{:#x}", sh.with_input_from_stream),
+                    );
+                    l = replace_word(
+                        &l,
+                        "NO_LINE_EDITING_SYM",
+                        &format!("{:#x}", sh.no_line_editing),
+                    );
+                    l = replace_word(
+                        &l,
+                        "INTERACTIVE_SHELL_SYM",
+                        &format!("{:#x}", sh.interactive_shell),
+                    );
+                    expanded.push(l);
                 }
                 expanded.push(String::new());
             }
@@ -675,6 +722,9 @@ pub struct ReadlineLine {
     /// For `executed`: longer than the script's EXEC_BYTES; `line` is its start and `len`
     /// how much of it was read.
     pub executed_cut: bool,
+    /// Read by an interactive bash with line editing off (not through readline): `line` is
+    /// what one read of its terminal returned, newline included.
+    pub line_editing_off: bool,
 }
 
 /// A line that did not arrive whole (bpftrace lost events, or stopped before the rest came):
@@ -789,6 +839,8 @@ struct Prov {
     pid: u64,
     /// From a Q record (see [`ReadlineLine::executed`]); `Some(cut)`.
     executed: Option<bool>,
+    /// From an N record (see [`ReadlineLine::line_editing_off`]); `Some(cut)`.
+    noedit: Option<bool>,
     stored: bool,
     eof: bool,
     len: u64,
@@ -969,7 +1021,7 @@ impl Assembler {
                     }
                     // An executed command is sent whole (it is at most EXEC_MAX_BYTES) by one
                     // program: its layout has no head limit and no tail.
-                    let layout = if p.executed.is_some() {
+                    let layout = if p.executed.is_some() || p.noedit.is_some() {
                         Announced {
                             chunk: layout.chunk,
                             head_bytes: p.len.div_ceil(layout.chunk).max(1) * layout.chunk,
@@ -1236,7 +1288,8 @@ fn typed_line(
         tail,
         eof: prov.eof,
         executed: prov.executed.is_some(),
-        executed_cut: prov.executed == Some(true),
+        executed_cut: prov.executed == Some(true) || prov.noedit == Some(true),
+        line_editing_off: prov.noedit.is_some(),
     }
 }
 
@@ -1357,11 +1410,14 @@ fn parse_record(line: &[u8]) -> Result<Record, String> {
                 data,
             })
         }
-        b'Q' => {
+        // Q: a command run without readline; N: a line read with line editing off.
+        b'Q' | b'N' => {
             let f = fields(rest, 14).map_err(bad)?;
+            let cut = flag(f[3], "cut").map_err(bad)?;
             let p = Prov {
                 pid: num(f[0], "pid").map_err(bad)?,
-                executed: Some(flag(f[3], "cut").map_err(bad)?),
+                executed: (kind == b'Q').then_some(cut),
+                noedit: (kind == b'N').then_some(cut),
                 stored: true,
                 eof: false,
                 len: num(f[4], "len").map_err(bad)?,
@@ -1375,8 +1431,13 @@ fn parse_record(line: &[u8]) -> Result<Record, String> {
                 tty: f[12].to_vec(),
                 comm: f[13].to_vec(),
             };
-            if p.len > EXEC_MAX_BYTES {
-                return Err(bad(format!("length {} over {EXEC_MAX_BYTES}", p.len)));
+            let max = if kind == b'Q' {
+                EXEC_MAX_BYTES
+            } else {
+                READ_MAX_BYTES
+            };
+            if p.len > max {
+                return Err(bad(format!("length {} over {max}", p.len)));
             }
             Ok(Record::Prov(
                 num(f[1], "tid").map_err(bad)?,
@@ -1397,6 +1458,7 @@ fn parse_record(line: &[u8]) -> Result<Record, String> {
             let p = Prov {
                 pid: num(f[0], "pid").map_err(bad)?,
                 executed: None,
+                noedit: None,
                 stored: flag(f[3], "stored").map_err(bad)?,
                 eof: flag(f[4], "eof").map_err(bad)?,
                 len: num(f[5], "len").map_err(bad)?,

@@ -205,6 +205,7 @@ fn short_line_is_one_s_record_with_all_provenance() {
             eof: false,
             executed: false,
             executed_cut: false,
+            line_editing_off: false,
         }
     );
     assert!(a.finish().is_empty());

@@ -47,8 +47,8 @@ fn nm_values(path: &Path) -> ProbeTarget {
         );
         hits[0]
     };
-    // bash's own functions for commands run without readline: probed in the file that
-    // defines both (bash itself; never libreadline).
+    // bash's own functions and flags for input that bypasses readline: probed in the file
+    // that defines them (bash itself; never libreadline).
     let defines = |name: &str| {
         text.lines().any(|l| {
             l.split_whitespace().collect::<Vec<_>>()[..]
@@ -60,7 +60,14 @@ fn nm_values(path: &Path) -> ProbeTarget {
         teardown: find("readline_internal_teardown", &["T", "t"]),
         rl_end: find("rl_end", &["B", "b", "D", "d"]),
         rl_line_buffer: find("rl_line_buffer", &["B", "b", "D", "d"]),
-        shell: (defines("parse_and_execute") && defines("fc_execute_file")).then(|| binary.clone()),
+        shell: (defines("parse_and_execute") && defines("fc_execute_file")).then(|| {
+            readline::ShellTarget {
+                path: binary.clone(),
+                with_input_from_stream: find("with_input_from_stream", &["T", "t"]),
+                no_line_editing: find("no_line_editing", &["B", "b", "D", "d"]),
+                interactive_shell: find("interactive_shell", &["B", "b", "D", "d"]),
+            }
+        }),
         binary,
     }
 }
@@ -313,7 +320,12 @@ fn idents(line: &str) -> Vec<String> {
 fn render_writes_one_entry_per_target_and_one_head_program_per_part() {
     let tpl = template();
     let mut bash = target("/usr/bin/bash", 0xc5800, 0x13e358, 0x13e1e0);
-    bash.shell = Some("/usr/bin/bash".into());
+    bash.shell = Some(readline::ShellTarget {
+        path: "/usr/bin/bash".into(),
+        with_input_from_stream: 0x33be0,
+        no_line_editing: 0x134920,
+        interactive_shell: 0x134978,
+    });
     let targets = vec![
         bash,
         target(
@@ -436,14 +448,18 @@ fn render_writes_one_entry_per_target_and_one_head_program_per_part() {
         .iter()
         .map(|(a, _)| a)
         .filter(|a| {
-            a.iter()
-                .any(|l| l.contains(":parse_and_execute") || l.contains(":fc_execute_file"))
+            a.iter().any(|l| {
+                l.contains(":parse_and_execute")
+                    || l.contains(":fc_execute_file")
+                    || l.contains(":with_input_from_stream")
+            })
         })
         .collect();
     assert_eq!(
         shell_progs,
         vec![
             &vec!["uprobe:/usr/bin/bash:fc_execute_file".to_string()],
+            &vec!["uprobe:/usr/bin/bash:with_input_from_stream".to_string()],
             &vec!["uretprobe:/usr/bin/bash:fc_execute_file".to_string()],
             &vec![
                 "uprobe:/usr/bin/bash:parse_and_execute".to_string(),
@@ -452,6 +468,9 @@ fn render_writes_one_entry_per_target_and_one_head_program_per_part() {
             ],
         ]
     );
+    // With the shell's own values for its flags.
+    assert!(out.contains("$base = reg(\"ip\") - 0x33be0;"), "{out}");
+    assert!(out.contains("@noedit[tid] = ($base + 0x134920, $base + 0x134978);"));
     // Without a shell that defines them, the block is left out.
     let no_shell: Vec<ProbeTarget> = targets
         .iter()
@@ -664,12 +683,13 @@ fn the_rendered_script_runs_in_bpftrace_and_captures_typed_lines() {
     events.extend(dec.finish());
     let parts = o.parts().unwrap() as u64;
     // bash's own functions (fc_execute_file in and out, parse_and_execute): in bash only.
-    let probes = 3 + targets.len() as u64 * (1 + parts + 2) + 3;
+    let probes = 3 + targets.len() as u64 * (1 + parts + 2) + 4 + 2;
     assert_eq!(
         events.first(),
         Some(&Event::Attached { probes }),
         "BEGIN, END, exit tracepoint; per target the entry, {parts} head parts, tail, last \
-         chunk; bash's fc_execute_file (in, out) and parse_and_execute"
+         chunk; bash's fc_execute_file (in, out), with_input_from_stream and \
+         parse_and_execute; the two read tracepoints"
     );
     let outputs: Vec<Vec<u8>> = events
         .into_iter()

@@ -4,7 +4,8 @@
 //! executes what the editor saved, then resets readline's state (`rl_done = 0`): readline's
 //! `readline_internal_teardown`, the function the capture probes, never runs. Neither the text
 //! typed at the prompt nor the command executed appeared in the trail. Now the script also
-//! probes bash's `parse_and_execute` under `fc_execute_file`, and for `bind -x` commands.
+//! probes bash's `parse_and_execute` under `fc_execute_file`, and for `bind -x` commands; and
+//! the terminal reads of an interactive bash whose line editing is off (`set +o emacs`).
 //!
 //! Reproduction (as root, `bt2immu run scripts/bashreadline.bt --stdout` running): in an
 //! interactive bash, `export EDITOR=/tmp/ed.sh` (a script that writes
@@ -47,7 +48,7 @@ fn require_root_tools() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn commands_run_from_the_editor_and_from_bind_x_are_recorded() {
+async fn commands_run_from_the_editor_from_bind_x_and_with_line_editing_off_are_recorded() {
     require_root_tools();
     let work = tempfile::tempdir().unwrap();
     let server = LocalImmudb::start(LocalImmudbOptions {
@@ -134,6 +135,11 @@ async fn commands_run_from_the_editor_and_from_bind_x_are_recorded() {
     sh.line("bind -x '\"\\C-t\": echo BOUND-KEY-RAN'");
     sh.key("C-t");
     sh.wait_for("\nBOUND-KEY-RAN", Duration::from_secs(20));
+    // Line editing off: bash reads its terminal without readline until it is back on.
+    sh.line("set +o emacs");
+    sh.line("echo typed-without-readline");
+    sh.wait_for("\ntyped-without-readline", Duration::from_secs(20));
+    sh.line("set -o emacs");
     sh.line("echo after-the-editor");
     wait_for(
         "after-the-editor",
@@ -181,6 +187,25 @@ async fn commands_run_from_the_editor_and_from_bind_x_are_recorded() {
         "the bind -x command left no record; the shell's records: {:?}",
         shown()
     );
+    // The lines read with editing off: exactly as read (newline included), flagged, once; and
+    // the line typed after editing is back on comes once, through readline.
+    let noedit: Vec<&str> = records
+        .iter()
+        .filter(|r| r["pid"] == pid && r["line_editing_off"] == true)
+        .map(|r| r["line"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        noedit,
+        vec!["echo typed-without-readline\n", "set -o emacs\n"],
+        "the shell's records: {:?}",
+        shown()
+    );
+    let after: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["pid"] == pid && r["line"] == "echo after-the-editor")
+        .collect();
+    assert_eq!(after.len(), 1, "the shell's records: {:?}", shown());
+    assert!(after[0].get("line_editing_off").is_none());
     for r in &executed {
         assert_eq!(r["kind"], "readline");
         assert_eq!(r["uid"], 0);
