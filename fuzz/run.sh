@@ -27,6 +27,7 @@ BT2I2 C 1 7 4 \x61\x62\x63\x64
 BT2I2 C 1 7 12 \x61\x62\x63\x64
 BT2I2 M 1 2 3
 ' > corpus/readline/seed2
+printf 'BT2I2 Q 1 1 9 0 18 1 0 0 1 1 1 uprobe:/usr/bin/bash:parse_and_execute pts0 bash\nBT2I2 S 1 9 0 echo BOUND_KEY_RAN\nBT2I2 N 1 1 10 0 5 1 0 0 1 1 1 tracepoint:syscalls:sys_exit_read pts0 bash\nBT2I2 C 1 10 0 \\x6c\\x73\\x20\\x2d\\x0a\n' > corpus/readline/seed3
 t=${1:-300}
 cargo +nightly fuzz run decode corpus/decode -- -max_total_time="$t" -max_len=8192
 cargo +nightly fuzz run readline corpus/readline -- -max_total_time="$t" -max_len=4096
