@@ -474,3 +474,37 @@ async fn after_ctrl_c_in_a_command_from_the_editor_prompt_command_is_not_recorde
         c.shown(pid)
     );
 }
+
+/// The word scan looks at most 4096 words (32,768 bytes) for the terminating NUL, so a
+/// command of exactly 32,768 bytes — complete, nothing left out — is flagged `executed_cut`
+/// (its NUL is the 32,769th byte, never looked at). 32,767 bytes is not flagged.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "bug: a command of exactly 32768 bytes from the editor is flagged executed_cut though it is whole"]
+async fn a_command_of_exactly_32_kib_from_the_editor_is_not_flagged_cut() {
+    require_root_tools();
+    let work = tempfile::tempdir().unwrap();
+    let tail = "echo EXACT-32768\n";
+    let body = format!("{}\n{tail}", "#".repeat(32768 - tail.len() - 1));
+    assert_eq!(body.len(), 32768);
+    let ed = editor(work.path(), "exact", body.as_bytes());
+    let mut c = Capture::start(work.path()).await;
+    let tmux = Tmux::new(work.path());
+    let sh = tmux.shell("exact");
+    sh.line("echo to-be-edited");
+    sh.line(&format!("EDITOR={} fc", ed.display()));
+    sh.wait_for("\nEXACT-32768\nREADY$", SCREEN_WAIT);
+    c.finish(&sh, "sentinel-exact");
+    let pid = sh.pane_pid();
+    let executed: Vec<&Value> = c
+        .of(pid)
+        .into_iter()
+        .filter(|r| r["executed"] == true)
+        .collect();
+    assert_eq!(executed.len(), 1, "the shell's records: {:?}", c.shown(pid));
+    assert_eq!(executed[0]["line"], body.as_str());
+    assert!(
+        executed[0].get("executed_cut").is_none(),
+        "a whole 32768-byte command is flagged cut: {}",
+        executed[0]["len"]
+    );
+}
