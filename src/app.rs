@@ -495,7 +495,7 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         write_private(&file, rendered.as_bytes())?;
         (
             Format::Json,
-            Interpretation::Readline(readline::Assembler::new(opts.clone())),
+            Interpretation::Readline(Box::new(readline::Assembler::new(opts.clone()))),
             file,
             readline::bpftrace_env(&opts).context("preparing the bashreadline script")?,
         )
@@ -778,9 +778,9 @@ pub async fn ingest(args: IngestArgs) -> Result<i32> {
             if readline::is_readline_script(&text) {
                 (
                     Some(text),
-                    Interpretation::Readline(readline::Assembler::new(
+                    Interpretation::Readline(Box::new(readline::Assembler::new(
                         readline::ReadlineOptions::default(),
-                    )),
+                    ))),
                 )
             } else {
                 let info = script::analyze(text.as_bytes(), &p.display().to_string());

@@ -17,7 +17,7 @@ use crate::supervisor::ChildMsg;
 /// How output lines are turned into records.
 pub enum Interpretation {
     /// The bashreadline chunk protocol: chunks are reassembled into whole typed lines.
-    Readline(readline::Assembler),
+    Readline(Box<readline::Assembler>),
     /// A user's script: printf lines split into named fields where possible.
     Script(Box<ScriptInfo>),
     /// No script known (ingest without --script): every line is kept as it is.
@@ -151,7 +151,7 @@ impl Pipeline {
                 if let Interpretation::Readline(asm) = &mut self.interp {
                     // The next bpftrace announces itself again: a fresh assembler makes that
                     // `capture_ready` show when capture resumed.
-                    *asm = readline::Assembler::new(asm.options().clone());
+                    **asm = readline::Assembler::new(asm.options().clone());
                 }
                 self.commit(out)
             }

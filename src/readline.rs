@@ -58,14 +58,16 @@ pub const SYMBOL: &str = "readline_internal_teardown";
 /// readline's globals the entry program reads: the line's length and its buffer.
 pub const DATA_SYMBOLS: [&str; 2] = ["rl_end", "rl_line_buffer"];
 /// The most bytes of a command run without readline that the script sends (`EXEC_BYTES`).
-pub const EXEC_MAX_BYTES: u64 = 32_768;
+pub const EXEC_MAX_BYTES: u64 = 32_800;
 /// The most bytes of one read without readline that the script sends (`READ_BYTES`).
 pub const READ_MAX_BYTES: u64 = 4096;
 /// bash's own functions: through the first two it runs commands that readline did not
-/// return; the third switches its input away from readline.
-pub const SHELL_SYMBOLS: [&str; 3] = [
+/// return; the parser reads its input through the third when editing is off; the fourth
+/// switches its input away from readline.
+pub const SHELL_SYMBOLS: [&str; 4] = [
     "parse_and_execute",
     "fc_execute_file",
+    "getc_with_restart",
     "with_input_from_stream",
 ];
 /// bash's flags the read programs check: line editing off, and interactive.
@@ -131,6 +133,9 @@ pub struct ShellTarget {
     pub path: PathBuf,
     /// `with_input_from_stream`: called when bash stops using readline.
     pub with_input_from_stream: u64,
+    /// `getc_with_restart`: the parser's input with editing off; a shell whose editing was
+    /// off before the probes attached is found here.
+    pub getc_with_restart: u64,
     /// `no_line_editing` (int).
     pub no_line_editing: u64,
     /// `interactive_shell` (int).
@@ -338,12 +343,13 @@ impl ElfInfo {
     /// The shell target, when the file is a bash that exports everything the shell block
     /// of the script reads.
     pub fn shell_target(&self, path: &Path) -> Option<ShellTarget> {
-        if !SHELL_SYMBOLS[..2].iter().all(|f| self.defines(f)) {
+        if !SHELL_SYMBOLS[..3].iter().all(|f| self.defines(f)) {
             return None;
         }
         Some(ShellTarget {
             path: path.to_path_buf(),
-            with_input_from_stream: self.function(SHELL_SYMBOLS[2])?,
+            with_input_from_stream: self.function(SHELL_SYMBOLS[3])?,
+            getc_with_restart: self.function(SHELL_SYMBOLS[2])?,
             no_line_editing: self.object(SHELL_DATA_SYMBOLS[0])?,
             interactive_shell: self.object(SHELL_DATA_SYMBOLS[1])?,
         })
@@ -588,6 +594,11 @@ pub fn render_script(
                         l,
                         "WITH_INPUT_FROM_STREAM_SYM",
                         &format!("{:#x}", sh.with_input_from_stream),
+                    );
+                    l = replace_word(
+                        &l,
+                        "GETC_WITH_RESTART_SYM",
+                        &format!("{:#x}", sh.getc_with_restart),
                     );
                     l = replace_word(
                         &l,
@@ -909,7 +920,13 @@ pub struct Assembler {
     /// Tasks whose last P record said its line was not stored: the return programs then find
     /// nothing and print an M record, which that P record already accounts for.
     unstored: HashSet<u64>,
+    /// Reads of a line typed with editing off that did not end it yet (bash reads at most
+    /// 1024 bytes at a time), by task: joined with the next ones up to the newline.
+    noedit_partial: BTreeMap<u64, (ReadlineLine, Instant)>,
 }
+
+/// A line typed with editing off is given out whole at its newline, or at this many bytes.
+const NOEDIT_MAX_LINE: usize = 64 * 1024;
 
 /// How many finished line ids are remembered.
 const DONE_MEMORY: usize = 4096;
@@ -926,6 +943,7 @@ impl Assembler {
             done: HashSet::new(),
             done_order: std::collections::VecDeque::new(),
             unstored: HashSet::new(),
+            noedit_partial: BTreeMap::new(),
         }
     }
 
@@ -981,6 +999,17 @@ impl Assembler {
                     format!(
                         "pid {pid} tid {tid}: a line returned without its entry record (the \
                          probes attached between the two); its bytes were not captured"
+                    ),
+                ));
+                return out;
+            }
+            Record::ReadBeforeAttach { pid, tid } => {
+                out.push(malformed(
+                    vec![line.to_vec()],
+                    format!(
+                        "pid {pid} tid {tid}: bash with line editing off had read input before \
+                         the probes attached (the line being typed then); those bytes were not \
+                         captured"
                     ),
                 ));
                 return out;
@@ -1101,7 +1130,29 @@ impl Assembler {
             return;
         }
         let pend = self.finish_key(key);
-        out.push(assemble(tid, id, pend));
+        match assemble(tid, id, pend) {
+            AssembledEvent::Line(l) if l.line_editing_off => {
+                if let Some(l) = self.join_noedit(l) {
+                    out.push(AssembledEvent::Line(l));
+                }
+            }
+            ev => out.push(ev),
+        }
+    }
+
+    /// Joins the reads of one line typed with editing off; the line comes out at its newline.
+    fn join_noedit(&mut self, mut l: ReadlineLine) -> Option<ReadlineLine> {
+        if let Some((mut first, _)) = self.noedit_partial.remove(&l.tid) {
+            first.line.extend_from_slice(&l.line);
+            first.len += l.len;
+            first.executed_cut |= l.executed_cut;
+            l = first;
+        }
+        if l.line.ends_with(b"\n") || l.line.len() >= NOEDIT_MAX_LINE {
+            return Some(l);
+        }
+        self.noedit_partial.insert(l.tid, (l, Instant::now()));
+        None
     }
 
     fn finish_key(&mut self, key: (u64, u64)) -> Pending {
@@ -1135,9 +1186,22 @@ impl Assembler {
             .filter(|(_, p)| stale(p.since))
             .map(|(k, _)| *k)
             .collect();
-        keys.into_iter()
+        let mut out: Vec<AssembledEvent> = keys
+            .into_iter()
             .map(|key| self.give_up(key, None))
-            .collect()
+            .collect();
+        // A line typed with editing off whose newline never came (Ctrl-D, or bash exited).
+        let tids: Vec<u64> = self
+            .noedit_partial
+            .iter()
+            .filter(|(_, (_, since))| stale(*since))
+            .map(|(t, _)| *t)
+            .collect();
+        for t in tids {
+            let (l, _) = self.noedit_partial.remove(&t).expect("listed");
+            out.push(AssembledEvent::Line(l));
+        }
+        out
     }
 
     /// A line that will not complete: what arrived of it, flagged.
@@ -1313,6 +1377,11 @@ enum Record {
         pid: u64,
         tid: u64,
     },
+    /// A shell with editing off had read input before the probes attached.
+    ReadBeforeAttach {
+        pid: u64,
+        tid: u64,
+    },
     Unrendered,
 }
 
@@ -1445,11 +1514,16 @@ fn parse_record(line: &[u8]) -> Result<Record, String> {
                 Box::new(p),
             ))
         }
-        b'M' => {
+        b'M' | b'R' => {
             let f = fields(rest, 3).map_err(bad)?;
-            Ok(Record::Missing {
-                pid: num(f[0], "pid").map_err(bad)?,
-                tid: num(f[1], "tid").map_err(bad)?,
+            let (pid, tid) = (
+                num(f[0], "pid").map_err(bad)?,
+                num(f[1], "tid").map_err(bad)?,
+            );
+            Ok(if kind == b'M' {
+                Record::Missing { pid, tid }
+            } else {
+                Record::ReadBeforeAttach { pid, tid }
             })
         }
         b'X' => Ok(Record::Unrendered),

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use bt2immu::readline::{
     Announced, AssembledEvent, Assembler, IncompleteLine, ReadlineLine, ReadlineOptions,
+    EXEC_MAX_BYTES,
 };
 use proptest::prelude::*;
 
@@ -237,26 +238,27 @@ fn an_executed_command_is_a_whole_line_whatever_the_head_limit() {
     assert!(l.executed && !l.executed_cut && !l.truncated && l.tail.is_none());
     assert_eq!(l.probe, "uprobe:/usr/bin/bash:parse_and_execute");
 
-    // Cut at the script's limit: flagged, with what was read.
-    let big = text(32_768, 12);
-    let mut recs = vec![q(9, 43, true, 32_768)];
-    for off in (0..32_768).step_by(200) {
-        let end = (off + 200).min(32_768);
-        recs.push(if end - off == 200 {
-            c(9, 43, off as u64, &big[off..end])
-        } else {
-            s(9, 43, off as u64, &big[off..end])
-        });
+    // Cut at the script's limit (a multiple of the chunk size, so only full chunks):
+    // flagged, with what was read.
+    let cap = EXEC_MAX_BYTES as usize;
+    assert_eq!(cap % 200, 0);
+    let big = text(cap, 12);
+    let mut recs = vec![q(9, 43, true, cap as u64)];
+    for off in (0..cap).step_by(200) {
+        recs.push(c(9, 43, off as u64, &big[off..off + 200]));
     }
+    assert_eq!(recs.len(), 1 + cap / 200);
     let out = run(&recs);
     let l = only_line(&out);
     assert!(l.executed && l.executed_cut);
+    assert_eq!(l.len, EXEC_MAX_BYTES);
     assert_eq!(l.line, big);
 
     // A Q record claiming more than the script can send is not believed.
-    let out = run(&[q(9, 44, false, 40_000)]);
+    let out = run(&[q(9, 44, false, EXEC_MAX_BYTES + 1)]);
+    let want = format!("over {EXEC_MAX_BYTES}");
     assert!(
-        matches!(&out[..], [AssembledEvent::Malformed { reason, .. }] if reason.contains("over 32768")),
+        matches!(&out[..], [AssembledEvent::Malformed { reason, .. }] if reason.contains(&want)),
         "{out:?}"
     );
 }
@@ -693,6 +695,14 @@ fn m_and_x_records_are_malformed_with_their_reason() {
     assert!(reason.contains("pid 4242 tid 4243"), "{reason}");
     assert!(reason.contains("without its entry record"), "{reason}");
 
+    // A shell with editing off had read input before the probes attached.
+    let r = b"BT2I2 R 4242 4243 99999".to_vec();
+    let out = run(std::slice::from_ref(&r));
+    let (raw, reason) = only_malformed(&out);
+    assert_eq!(raw, r);
+    assert!(reason.contains("pid 4242 tid 4243"), "{reason}");
+    assert!(reason.contains("before the probes attached"), "{reason}");
+
     let x = b"BT2I2 X this script must be run through bt2immu (it fills in the readline symbol addresses)"
         .to_vec();
     let out = run(std::slice::from_ref(&x));
@@ -721,6 +731,8 @@ fn undecodable_records_are_malformed_and_kept_whole() {
         (b"BT2I1 C 5 1 0 \\x41".to_vec(), "not a BT2I2 record"),
         (b"hello from someone else".to_vec(), "not a BT2I2 record"),
         (b"BT2I2 M 1 2".to_vec(), "expected 3 fields"),
+        (b"BT2I2 R 1".to_vec(), "expected 3 fields"),
+        (b"BT2I2 R x 2 3".to_vec(), "bad pid"),
     ];
     for (rec, why) in bad {
         let out = run(&[small(), rec.clone()]);

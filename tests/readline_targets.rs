@@ -60,13 +60,15 @@ fn nm_values(path: &Path) -> ProbeTarget {
         teardown: find("readline_internal_teardown", &["T", "t"]),
         rl_end: find("rl_end", &["B", "b", "D", "d"]),
         rl_line_buffer: find("rl_line_buffer", &["B", "b", "D", "d"]),
-        shell: (defines("parse_and_execute") && defines("fc_execute_file")).then(|| {
-            readline::ShellTarget {
-                path: binary.clone(),
-                with_input_from_stream: find("with_input_from_stream", &["T", "t"]),
-                no_line_editing: find("no_line_editing", &["B", "b", "D", "d"]),
-                interactive_shell: find("interactive_shell", &["B", "b", "D", "d"]),
-            }
+        shell: (defines("parse_and_execute")
+            && defines("fc_execute_file")
+            && defines("getc_with_restart"))
+        .then(|| readline::ShellTarget {
+            path: binary.clone(),
+            with_input_from_stream: find("with_input_from_stream", &["T", "t"]),
+            getc_with_restart: find("getc_with_restart", &["T", "t"]),
+            no_line_editing: find("no_line_editing", &["B", "b", "D", "d"]),
+            interactive_shell: find("interactive_shell", &["B", "b", "D", "d"]),
         }),
         binary,
     }
@@ -323,6 +325,7 @@ fn render_writes_one_entry_per_target_and_one_head_program_per_part() {
     bash.shell = Some(readline::ShellTarget {
         path: "/usr/bin/bash".into(),
         with_input_from_stream: 0x33be0,
+        getc_with_restart: 0x33a40,
         no_line_editing: 0x134920,
         interactive_shell: 0x134978,
     });
@@ -451,6 +454,7 @@ fn render_writes_one_entry_per_target_and_one_head_program_per_part() {
             a.iter().any(|l| {
                 l.contains(":parse_and_execute")
                     || l.contains(":fc_execute_file")
+                    || l.contains(":getc_with_restart")
                     || l.contains(":with_input_from_stream")
             })
         })
@@ -461,10 +465,12 @@ fn render_writes_one_entry_per_target_and_one_head_program_per_part() {
             &vec!["uprobe:/usr/bin/bash:fc_execute_file".to_string()],
             &vec!["uprobe:/usr/bin/bash:with_input_from_stream".to_string()],
             &vec!["uretprobe:/usr/bin/bash:fc_execute_file".to_string()],
+            &vec!["uprobe:/usr/bin/bash:getc_with_restart".to_string()],
+            &vec!["uretprobe:/usr/bin/bash:getc_with_restart".to_string()],
             &vec![
                 "uprobe:/usr/bin/bash:parse_and_execute".to_string(),
-                "/@fc[tid] != 0 || strncmp(str(arg1), \"bash_execute_unix_command\", 26) == 0/"
-                    .to_string()
+                "/@fc[tid] == 1 || strncmp(str(arg1), \"bash_execute_unix_command\", 26) == 0/"
+                    .to_string(),
             ],
         ]
     );
@@ -682,14 +688,14 @@ fn the_rendered_script_runs_in_bpftrace_and_captures_typed_lines() {
     let mut events = dec.push(&out.stdout);
     events.extend(dec.finish());
     let parts = o.parts().unwrap() as u64;
-    // bash's own functions (fc_execute_file in and out, parse_and_execute): in bash only.
-    let probes = 3 + targets.len() as u64 * (1 + parts + 2) + 4 + 2;
+    // bash's own functions (6 probes): in bash only; and the two read tracepoints.
+    let probes = 3 + targets.len() as u64 * (1 + parts + 2) + 6 + 2;
     assert_eq!(
         events.first(),
         Some(&Event::Attached { probes }),
         "BEGIN, END, exit tracepoint; per target the entry, {parts} head parts, tail, last \
-         chunk; bash's fc_execute_file (in, out), with_input_from_stream and \
-         parse_and_execute; the two read tracepoints"
+         chunk; bash's fc_execute_file and getc_with_restart (in, out), \
+         with_input_from_stream and parse_and_execute; the two read tracepoints"
     );
     let outputs: Vec<Vec<u8>> = events
         .into_iter()
