@@ -976,6 +976,59 @@ async fn scan_adaptive(
     Ok(out)
 }
 
+/// The records this host's agents wrote and verified that the trail no longer holds at its
+/// end. The sequence check sees a deleted record only when a later one remains; the spool's
+/// acknowledgement in the state dir says how far each source got, so deleting the newest
+/// records is noticed too (where the query runs with the agent's state dir).
+fn newest_missing(
+    state_dir: &Path,
+    prefix: &str,
+    rows: &[(String, u64, serde_json::Value, bool)],
+) -> Result<Vec<String>> {
+    let spool_root = state_dir.join("spool");
+    let Ok(dir) = fs::read_dir(&spool_root) else {
+        return Ok(Vec::new());
+    };
+    let host = HostContext::detect().context("reading host identity")?.host;
+    let mut problems = Vec::new();
+    for ent in dir.flatten() {
+        let ack_path = ent.path().join("ack");
+        let Ok(text) = fs::read_to_string(&ack_path) else {
+            continue;
+        };
+        let source = ent.file_name().to_string_lossy().into_owned();
+        if !format!("{source}:{host}:").starts_with(prefix) {
+            continue;
+        }
+        let acked: u64 = text.trim().parse().with_context(|| {
+            format!(
+                "{}: not a sequence number: {:?}",
+                ack_path.display(),
+                text.trim()
+            )
+        })?;
+        let newest = rows
+            .iter()
+            .filter(|(_, _, v, _)| {
+                v.get("host").and_then(|h| h.as_str()) == Some(host.as_str())
+                    && v.get("source").and_then(|s| s.as_str()) == Some(source.as_str())
+            })
+            .filter_map(|(_, _, v, _)| v.get("seq").and_then(|s| s.as_u64()))
+            .max()
+            .unwrap_or(0);
+        if acked > newest {
+            problems.push(format!(
+                "{source} on {host}: record(s) {}..={acked} were written and verified by this \
+                 host's agent ({} says so) but are not in the trail: deleted (or this is not the \
+                 database that agent wrote to)",
+                newest + 1,
+                ack_path.display()
+            ));
+        }
+    }
+    Ok(problems)
+}
+
 pub async fn query(args: QueryArgs) -> Result<i32> {
     // The local immudb that `run` starts when none is configured stops with it; reading the
     // trail back starts it again (and stops it after).
@@ -1046,6 +1099,9 @@ pub async fn query(args: QueryArgs) -> Result<i32> {
                 expect = s + 1;
             }
         }
+    }
+    if args.verify && complete {
+        problems.extend(newest_missing(&args.conn.state_dir, &args.prefix, &rows)?);
     }
     match args.format {
         cli::QueryFormat::Jsonl => {

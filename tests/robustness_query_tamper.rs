@@ -2,9 +2,10 @@
 //! immudb admin, or anyone holding the agent's own credentials) changed or dropped a record.
 //!
 //! immudb keeps every revision, so such a change is *detectable*; the promise in the README is
-//! that nobody "can change or drop a recorded command without it being noticed". `bt2immu
-//! query` today shows the forged latest revision as `"verified": true` and silently leaves
-//! out logically deleted keys, exiting 0 in both cases.
+//! that nobody "can change or drop a recorded command without it being noticed". Found:
+//! `bt2immu query` showed the forged latest revision as `"verified": true` and silently left
+//! out logically deleted keys, exiting 0 in both cases; and a deleted *newest* record left no
+//! gap in the sequence numbers to see.
 
 mod common;
 
@@ -75,6 +76,54 @@ async fn query_notices_an_overwritten_record() {
     );
 }
 
+/// Deletes `key` the way a database admin can: immudb's logical deletion, with immuclient.
+fn admin_deletes(port: u16, work: &Path, key: &str) {
+    let home = work.join("ic");
+    std::fs::create_dir_all(&home).unwrap();
+    let login = immuclient(port, &home, &["login", "immudb"]);
+    assert!(
+        login.status.success(),
+        "{}",
+        String::from_utf8_lossy(&login.stderr)
+    );
+    let del = immuclient(port, &home, &["delete", key]);
+    let del_out = String::from_utf8_lossy(&del.stdout).to_string();
+    assert!(
+        del_out.contains("deleted"),
+        "immuclient delete failed: {del_out} {}",
+        String::from_utf8_lossy(&del.stderr)
+    );
+}
+
+/// The newest record leaves no gap behind it when deleted: the agent's spool acknowledgement
+/// in the state dir says how far the trail must go.
+#[tokio::test(flavor = "multi_thread")]
+async fn query_notices_that_the_newest_record_was_deleted() {
+    let srv = server().await;
+    let work = tempfile::tempdir().unwrap();
+    let state = work.path().join("state");
+    let keys = ingest_three(srv.port(), work.path(), &state);
+    admin_deletes(srv.port(), work.path(), &keys[2]);
+
+    let q = bt2immu(&["query", "--prefix", "qt:"], srv.port(), &state);
+    let err = String::from_utf8_lossy(&q.stderr);
+    assert_eq!(q.status.code(), Some(3), "stderr: {err}");
+    assert!(
+        err.contains("record(s) 3..=3 were written and verified") && err.contains("deleted"),
+        "{err}"
+    );
+    assert_eq!(rows(&q).len(), 2);
+
+    // A prefix that leaves the source out claims nothing about it.
+    let other = bt2immu(&["query", "--prefix", "zz:"], srv.port(), &state);
+    assert_eq!(
+        other.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&other.stderr)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn query_notices_a_deleted_record() {
     let srv = server().await;
@@ -83,21 +132,7 @@ async fn query_notices_a_deleted_record() {
     let keys = ingest_three(srv.port(), work.path(), &state);
 
     // The database admin deletes the first record (immudb's logical deletion).
-    let home = work.path().join("ic");
-    std::fs::create_dir_all(&home).unwrap();
-    let login = immuclient(srv.port(), &home, &["login", "immudb"]);
-    assert!(
-        login.status.success(),
-        "{}",
-        String::from_utf8_lossy(&login.stderr)
-    );
-    let del = immuclient(srv.port(), &home, &["delete", &keys[0]]);
-    let del_out = String::from_utf8_lossy(&del.stdout).to_string();
-    assert!(
-        del_out.contains("deleted"),
-        "immuclient delete failed: {del_out} {}",
-        String::from_utf8_lossy(&del.stderr)
-    );
+    admin_deletes(srv.port(), work.path(), &keys[0]);
 
     let q = bt2immu(&["query", "--prefix", "qt:"], srv.port(), &state);
     let out = String::from_utf8_lossy(&q.stdout);
