@@ -657,9 +657,10 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     }
     let stats = finish_sink(sink, &spool, Duration::from_secs(15)).await?;
     say!(
-        "bt2immu: {} records captured ({} typed lines, {} events, {} raw of which {} incomplete \
-         typed lines, {} events lost in the kernel, {} of bt2immu's own processes left out); {} \
-         written and verified in {} transactions (last tx {})",
+        "bt2immu: {} records captured ({} typed lines, {} events, {} kept raw (flagged; {} of \
+         them typed lines that did not arrive whole), {} events lost in the kernel, {} events of \
+         bt2immu's own processes left out); {} written and verified in {} transactions (last tx \
+         {})",
         pipeline.counts.records,
         pipeline.counts.typed_lines,
         pipeline.counts.events,
@@ -873,13 +874,23 @@ pub fn check(args: CheckArgs) -> Result<i32> {
             .into_iter()
             .map(|(k, v)| format!("{k}={}", shell_escape::escape(v.into())))
             .collect();
+        // The shebang stays the first line, so the output runs as a file of its own.
+        let rendered = rendered.trim_end();
+        let (shebang, body) = match rendered.split_once('\n') {
+            Some((first, rest)) if first.starts_with("#!") => (format!("{first}\n"), rest),
+            _ => (String::new(), rendered),
+        };
         emit!(
-            "// Rendered by bt2immu for this host. Run by hand (root):\n//   {} bpftrace {} FILE\n{}",
+            "{shebang}// Rendered by bt2immu for this host. Run by hand (root):\n//   {} bpftrace {} FILE\n{}",
             env.join(" "),
             readline::bpftrace_args().join(" "),
-            rendered.trim_end()
+            body
         );
         return Ok(cli::EXIT_OK);
+    }
+    let text = fs::read_to_string(&args.script).unwrap_or_default();
+    if readline::is_readline_script(&text) {
+        return check_readline(&args, &info, refusal.as_ref());
     }
     if args.json {
         let mut v = info.describe_json();
@@ -897,6 +908,82 @@ pub fn check(args: CheckArgs) -> Result<i32> {
             let _ = write!(std::io::stdout(), "{}", info.describe());
         }
         if let Some(r) = &refusal {
+            emit!("\nREFUSED: {r}");
+        }
+    }
+    Ok(if refusal.is_some() {
+        cli::EXIT_REFUSED
+    } else {
+        cli::EXIT_OK
+    })
+}
+
+/// What one record of the bashreadline job holds, for `check`: its printf lines are bt2immu's
+/// internal protocol (BT2I2), reassembled into these.
+const READLINE_RECORD_FIELDS: [(&str, &str); 6] = [
+    ("line, line_b64, len, truncated", "the typed line (UTF-8; when it is not, readable, with line_b64 holding the exact bytes), its length in bytes, whether it was cut"),
+    ("tail, tail_offset", "for a cut line: its last bytes and where they start"),
+    ("eof", "Ctrl-D at the prompt (no line)"),
+    ("executed, line_editing_off", "input that bypassed readline: run from the editor/fc/bind -x, or read with editing off"),
+    ("pid, tid, ppid, uid, user, gid, loginuid, sessionid, tty, comm, exe, cgroup", "who typed it, where"),
+    ("v, kind, source, host, boot_id, seq, ts, mono_ns, probe, script, script_sha256", "the record's provenance"),
+];
+
+/// `check` on the bashreadline script: the verdict and probes, then the records it gives and
+/// the binaries it will probe on this host (not the internal protocol lines).
+fn check_readline(
+    args: &CheckArgs,
+    info: &script::ScriptInfo,
+    refusal: Option<&script::ScriptError>,
+) -> Result<i32> {
+    let targets = readline_setup(&[], readline::DEFAULT_MAX_LINE_BYTES).map(|(t, _)| t);
+    if args.json {
+        let mut v = info.describe_json();
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("safe".into(), json!(refusal.is_none()));
+            if let Some(r) = refusal {
+                obj.insert("refused".into(), json!(r.to_string()));
+            }
+            let fields: Vec<&str> = READLINE_RECORD_FIELDS
+                .iter()
+                .flat_map(|(names, _)| names.split(", "))
+                .collect();
+            obj.insert(
+                "bashreadline".into(),
+                json!({
+                    "record_fields": fields,
+                    "probe_targets": match &targets {
+                        Ok(t) => json!(t.iter().map(|t| t.to_string()).collect::<Vec<_>>()),
+                        Err(e) => json!({"error": format!("{e:#}")}),
+                    },
+                }),
+            );
+        }
+        emit!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        let full = info.describe();
+        let head = full
+            .split_once("\nlines:\n")
+            .map_or(full.as_str(), |(h, _)| h);
+        emit!("{}", head.trim_end());
+        emit!("bashreadline job: bt2immu fills in the probe addresses per binary and reassembles the\nscript's BT2I2 output into one record per typed line, with these fields:");
+        for (names, what) in READLINE_RECORD_FIELDS {
+            emit!("  {names}\n      {what}");
+        }
+        match &targets {
+            Ok(t) => {
+                emit!("probed on this host:");
+                for t in t {
+                    emit!("  {t}");
+                }
+            }
+            Err(e) => emit!("probed on this host: nothing: {e:#}"),
+        }
+        emit!(
+            "the script as run here: bt2immu check --render {}",
+            args.script.display()
+        );
+        if let Some(r) = refusal {
             emit!("\nREFUSED: {r}");
         }
     }
@@ -939,6 +1026,19 @@ fn printable(s: &str) -> String {
             '\\' => out.push_str("\\\\"),
             c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
             c => out.push(c),
+        }
+    }
+    out
+}
+
+/// [`printable`] for exact bytes: a byte that is not UTF-8 is shown as `\xNN`, the same as a
+/// control character, and unlike a typed backslash (`\\`).
+fn printable_bytes(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        out.push_str(&printable(chunk.valid()));
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
         }
     }
     out
@@ -1037,14 +1137,26 @@ pub async fn query(args: QueryArgs) -> Result<i32> {
     let client = ImmuClient::connect(target.config.clone())
         .await
         .context("connecting to immudb")?;
-    let entries = scan_adaptive(&client, args.prefix.as_bytes(), args.limit).await?;
+    let limit = args.limit.unwrap_or(u64::MAX);
+    let entries = scan_adaptive(&client, args.prefix.as_bytes(), limit).await?;
+    let total = entries.len();
+    let started = std::time::Instant::now();
+    let mut reported = started;
     let mut rows = Vec::new();
     // Every record is written once, under a key that must not exist, so a second revision
     // means someone wrote over it; and an agent numbers its records 1, 2, 3, … per source,
     // so a missing number means a record vanished (e.g. immudb's logical delete).
     let mut problems: Vec<String> = Vec::new();
     let mut seqs: std::collections::BTreeMap<(String, String), Vec<u64>> = Default::default();
-    for e in entries {
+    for (i, e) in entries.into_iter().enumerate() {
+        // A long trail takes a while to verify record by record: say how far it got.
+        if args.verify && reported.elapsed() >= Duration::from_secs(5) {
+            reported = std::time::Instant::now();
+            say!(
+                "bt2immu: verified {i} of {total} records ({:.0} s)",
+                started.elapsed().as_secs_f64()
+            );
+        }
         let key = String::from_utf8_lossy(&e.key).into_owned();
         let mut tampered = false;
         let value = if args.verify {
@@ -1082,7 +1194,7 @@ pub async fn query(args: QueryArgs) -> Result<i32> {
     // one source on one host — not a narrower (e.g. time) prefix, nor a page cut by --limit.
     let whole_sources = args.prefix.is_empty()
         || (args.prefix.ends_with(':') && args.prefix.matches(':').count() <= 2);
-    let complete = (rows.len() as u64) < args.limit;
+    let complete = (rows.len() as u64) < limit;
     if args.verify && complete && whole_sources {
         for ((host, source), mut v) in seqs {
             v.sort_unstable();
@@ -1128,10 +1240,9 @@ pub async fn query(args: QueryArgs) -> Result<i32> {
                         .map(|x| x.to_string().trim_matches('"').to_string())
                         .unwrap_or_default()
                 };
-                let mut line = v
-                    .get("line")
-                    .and_then(|l| l.as_str())
-                    .map(|s| condensed(&printable(s)))
+                let exact = |name: &str| v.as_object().and_then(|m| record::get_bytes(m, name));
+                let mut line = exact("line")
+                    .map(|b| condensed(&printable_bytes(&b)))
                     .unwrap_or_else(|| printable(&g("event")));
                 match v.get("kind").and_then(|k| k.as_str()) {
                     Some("loss") => {
@@ -1143,13 +1254,21 @@ pub async fn query(args: QueryArgs) -> Result<i32> {
                     }
                     _ => {}
                 }
+                let flag = |k: &str| v.get(k) == Some(&json!(true));
+                if flag("eof") {
+                    line = "EOF (Ctrl-D: no line)".into();
+                } else if flag("executed") {
+                    line = format!("EXECUTED (run without readline: editor, fc or bind -x) {line}");
+                } else if flag("line_editing_off") {
+                    line = format!("EDITING-OFF {line}");
+                }
                 if v.get("truncated") == Some(&json!(true)) {
-                    let tail = v.get("tail").and_then(|t| t.as_str()).unwrap_or("");
+                    let tail = exact("tail").unwrap_or_default();
                     line = format!(
                         "{line} [CUT: {} bytes; bytes {}.. follow:] {}",
                         g("len"),
                         g("tail_offset"),
-                        condensed(&printable(tail))
+                        condensed(&printable_bytes(&tail))
                     );
                 }
                 emit!(
@@ -1174,7 +1293,7 @@ pub async fn query(args: QueryArgs) -> Result<i32> {
         say!(
             "bt2immu: stopped at --limit {}; more records may follow (the gap check needs them \
              all: raise --limit)",
-            args.limit
+            limit
         );
     }
     if !problems.is_empty() {

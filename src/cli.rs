@@ -187,9 +187,10 @@ pub struct QueryArgs {
     /// Key prefix, e.g. `bash:` or `bash:web1:`.
     #[arg(long, default_value = "")]
     pub prefix: String,
-    /// At most this many records.
-    #[arg(long, default_value_t = 1000)]
-    pub limit: u64,
+    /// At most this many records (the first in key order); default: all of them. The check
+    /// for deleted records needs them all.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub limit: Option<u64>,
     #[arg(long, value_enum, default_value_t = QueryFormat::Jsonl)]
     pub format: QueryFormat,
     /// Verify each record (verified_get); without it records are only listed.

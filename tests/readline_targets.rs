@@ -785,3 +785,60 @@ fn rendered_scripts_load_at_small_and_large_limits() {
         );
     }
 }
+
+/// `check` on the bashreadline script describes the records the job gives and the binaries
+/// it probes here, not the internal BT2I2 protocol lines; `--render` keeps the shebang first.
+#[test]
+fn check_describes_the_bashreadline_records_and_render_keeps_the_shebang_first() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bashreadline.bt");
+    let bin = env!("CARGO_BIN_EXE_bt2immu");
+    let out = std::process::Command::new(bin)
+        .arg("check")
+        .arg(&script)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("verdict: safe to run"), "{text}");
+    assert!(text.contains("one record per typed line"), "{text}");
+    assert!(text.contains("line, line_b64, len, truncated"), "{text}");
+    let bash = std::fs::canonicalize("/bin/bash").unwrap();
+    assert!(
+        text.contains(&format!(
+            "  uprobe:{}:readline_internal_teardown",
+            bash.display()
+        )),
+        "{text}"
+    );
+    assert!(
+        !text.contains("BT2I2 P {pid}"),
+        "protocol lines shown: {text}"
+    );
+
+    let out = std::process::Command::new(bin)
+        .args(["check", "--json"])
+        .arg(&script)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["safe"], true);
+    let fields = v["bashreadline"]["record_fields"].as_array().unwrap();
+    for f in ["line", "line_b64", "len", "truncated", "tty", "uid", "eof"] {
+        assert!(fields.iter().any(|x| x == f), "{f} missing: {fields:?}");
+    }
+
+    let out = std::process::Command::new(bin)
+        .args(["check", "--render"])
+        .arg(&script)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("#!/usr/bin/env bpftrace"));
+    assert!(lines
+        .next()
+        .unwrap()
+        .starts_with("// Rendered by bt2immu for this host"));
+    assert_eq!(text.matches("#!/usr/bin/env bpftrace").count(), 1);
+}
