@@ -1070,10 +1070,62 @@ async fn scan_adaptive(
             Err(e) if page > 1 && e.to_string().contains("message length too large") => {
                 page = (page / 4).max(1);
             }
+            // The server's own integrity check failed: stored data was altered on disk.
+            Err(e) if e.to_string().contains("data is corrupted") => {
+                return Err(exit(
+                    cli::EXIT_VERIFICATION,
+                    format!(
+                        "VERIFICATION FAILED — immudb reports that its stored data is corrupted \
+                         (altered on disk?): {e}"
+                    ),
+                ))
+            }
             Err(e) => return Err(anyhow::Error::new(e).context("scanning")),
         }
     }
     Ok(out)
+}
+
+/// Every key under `prefix` that was logically deleted, from the database's whole history
+/// (proven, transaction by transaction, to end in the trusted state). A scan leaves deleted
+/// keys out, and a deleted record replaced by a forged one under another key leaves no gap in
+/// the sequence numbers: the deletion itself is the evidence. bt2immu never deletes.
+async fn deleted_records(client: &ImmuClient, prefix: &[u8]) -> Result<Vec<String>> {
+    let started = std::time::Instant::now();
+    let mut reported = started;
+    let mut found = Vec::new();
+    let walked = client
+        .walk_history(|header, entries| {
+            if reported.elapsed() >= Duration::from_secs(5) {
+                reported = std::time::Instant::now();
+                say!(
+                    "bt2immu: checked the history up to tx {} ({:.0} s)",
+                    header.id,
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            for e in entries {
+                let Some(key) = e.key.strip_prefix(&[crate::immudb::proof::SET_KEY_PREFIX]) else {
+                    continue;
+                };
+                if e.metadata.deleted && key.starts_with(prefix) {
+                    found.push(format!(
+                        "{}: deleted in tx {} (bt2immu never deletes: the record was removed \
+                         after it was recorded)",
+                        String::from_utf8_lossy(key),
+                        header.id
+                    ));
+                }
+            }
+        })
+        .await
+        .context("checking the database's history")?;
+    tracing::info!(
+        transactions = walked,
+        deleted = found.len(),
+        "history checked"
+    );
+    Ok(found)
 }
 
 /// The records this host's agents wrote and verified that the trail no longer holds at its
@@ -1137,6 +1189,17 @@ pub async fn query(args: QueryArgs) -> Result<i32> {
     let client = ImmuClient::connect(target.config.clone())
         .await
         .context("connecting to immudb")?;
+    // Records removed with immudb's logical delete, found in the proven history.
+    let mut deleted: Vec<String> = Vec::new();
+    if args.verify {
+        // Before anything is read: an empty or short answer from a rolled-back or replaced
+        // server must fail here, not look like a quiet trail.
+        client
+            .verify_current_state()
+            .await
+            .context("verifying the server's state against the trusted state")?;
+        deleted = deleted_records(&client, args.prefix.as_bytes()).await?;
+    }
     let limit = args.limit.unwrap_or(u64::MAX);
     let entries = scan_adaptive(&client, args.prefix.as_bytes(), limit).await?;
     let total = entries.len();
@@ -1167,7 +1230,8 @@ pub async fn query(args: QueryArgs) -> Result<i32> {
             if history.len() > 1 {
                 tampered = true;
                 problems.push(format!(
-                    "{key}: written {} times, but bt2immu writes each record once: it was                      overwritten after it was recorded (showing the first, original revision)",
+                    "{key}: written {} times, but bt2immu writes each record once: it was \
+                     overwritten after it was recorded (showing the first, original revision)",
                     history.len()
                 ));
                 client.verified_get_at(&e.key, history[0].tx).await?.value
@@ -1215,6 +1279,7 @@ pub async fn query(args: QueryArgs) -> Result<i32> {
     if args.verify && complete {
         problems.extend(newest_missing(&args.conn.state_dir, &args.prefix, &rows)?);
     }
+    problems.extend(deleted);
     match args.format {
         cli::QueryFormat::Jsonl => {
             for (key, tx, value, tampered) in &rows {
@@ -1284,11 +1349,22 @@ pub async fn query(args: QueryArgs) -> Result<i32> {
         }
     }
     client.close().await;
-    say!(
-        "bt2immu: {} record(s){}",
-        rows.len(),
-        if args.verify { ", each verified" } else { "" }
-    );
+    if !problems.is_empty() {
+        say!(
+            "bt2immu: {} record(s) read; the trail was altered (see below)",
+            rows.len()
+        );
+    } else {
+        say!(
+            "bt2immu: {} record(s){}",
+            rows.len(),
+            if args.verify {
+                ", each verified; the database's history checked for deletions"
+            } else {
+                " (not verified: --verify false)"
+            }
+        );
+    }
     if !complete {
         say!(
             "bt2immu: stopped at --limit {}; more records may follow (the gap check needs them \

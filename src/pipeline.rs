@@ -458,7 +458,10 @@ impl Pipeline {
                 extra.insert("pieces".into(), Value::Array(pieces));
                 let missing: Vec<Value> = inc.missing.iter().map(|(o, l)| json!([o, l])).collect();
                 extra.insert("missing".into(), Value::Array(missing));
-                let end = inc.pieces.last().map_or(0, |(o, b)| o + b.len() as u64);
+                let end = inc
+                    .pieces
+                    .last()
+                    .map_or(0, |(o, b)| o.saturating_add(b.len() as u64));
                 if let Some(off) = inc.about.as_ref().and_then(|l| l.tail_offset) {
                     extra.insert("tail_offset".into(), json!(off));
                 }

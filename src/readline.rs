@@ -1385,6 +1385,10 @@ enum Record {
     Unrendered,
 }
 
+/// The highest chunk offset believed: far beyond any line (the script reads rl_end as 32
+/// bits), and low enough that offset + length cannot overflow.
+const MAX_CHUNK_OFFSET: u64 = 1 << 62;
+
 /// Splits a record into exactly `n` fields on single spaces; the last field is the rest.
 fn fields(body: &[u8], n: usize) -> Result<Vec<&[u8]>, String> {
     let f: Vec<&[u8]> = body.splitn(n, |&b| b == b' ').collect();
@@ -1472,10 +1476,15 @@ fn parse_record(line: &[u8]) -> Result<Record, String> {
             if data.is_empty() {
                 return Err(bad("empty chunk".into()));
             }
+            let off: u64 = num(f[2], "offset").map_err(bad)?;
+            // A line's bytes have offsets far below this; past it, off + len could overflow.
+            if off > MAX_CHUNK_OFFSET {
+                return Err(bad(format!("offset {off} out of range")));
+            }
             Ok(Record::Chunk {
                 tid: num(f[0], "tid").map_err(bad)?,
                 id: num(f[1], "id").map_err(bad)?,
-                off: num(f[2], "offset").map_err(bad)?,
+                off,
                 data,
             })
         }

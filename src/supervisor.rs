@@ -250,6 +250,24 @@ fn spawn(cmd: &BpftraceCommand) -> Result<Child, SupervisorError> {
     // bpftrace must not get the terminal's SIGINT directly: we forward it ourselves after
     // deciding how to drain, so put it in its own process group.
     c.process_group(0);
+    // If bt2immu dies (kill -9, OOM), bpftrace must not run on unwatched, its probes still
+    // attached, next to the bpftrace of the agent started after it.
+    let parent = std::process::id();
+    // SAFETY: only async-signal-safe calls (prctl, getppid) between fork and exec.
+    unsafe {
+        c.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before prctl took effect.
+            if libc::getppid() as u32 != parent {
+                return Err(std::io::Error::other(
+                    "bt2immu exited while starting bpftrace",
+                ));
+            }
+            Ok(())
+        });
+    }
     c.spawn().map_err(|source| SupervisorError::Spawn {
         program: cmd.program.display().to_string(),
         source,

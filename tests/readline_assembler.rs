@@ -733,6 +733,19 @@ fn undecodable_records_are_malformed_and_kept_whole() {
         (b"BT2I2 M 1 2".to_vec(), "expected 3 fields"),
         (b"BT2I2 R 1".to_vec(), "expected 3 fields"),
         (b"BT2I2 R x 2 3".to_vec(), "bad pid"),
+        // Found by an adversarial pass: offset + length overflowed (a panic in debug builds).
+        (
+            b"BT2I2 S 1 1 18446744073709551615 x".to_vec(),
+            "out of range",
+        ),
+        (
+            b"BT2I2 C 1 1 18446744073709551615 \\x41".to_vec(),
+            "out of range",
+        ),
+        (
+            b"BT2I2 C 1 1 4611686018427387905 \\x41".to_vec(),
+            "out of range",
+        ),
     ];
     for (rec, why) in bad {
         let out = run(&[small(), rec.clone()]);

@@ -13,7 +13,8 @@ use std::path::Path;
 use std::process::Output;
 
 use bt2immu::immudb::client::SetMode;
-use common::{bt2immu, client, immuclient, server};
+use bt2immu::immudb::server::LocalImmudbOptions;
+use common::{bt2immu, client, copy_tree, immuclient, server, server_with};
 
 fn rows(out: &Output) -> Vec<serde_json::Value> {
     String::from_utf8_lossy(&out.stdout)
@@ -146,5 +147,87 @@ async fn query_notices_a_deleted_record() {
         noticed,
         "query silently dropped the deleted record {}:\nstdout: {out}\nstderr: {err}",
         keys[0]
+    );
+}
+
+/// A server rolled back to before the records were written answers a query with nothing at
+/// all. Found: `query --prefix qt:` then said "0 record(s), each verified" and exited 0,
+/// because no record was read to carry a proof; the server's state is now proved against the
+/// trusted state before anything is listed.
+#[tokio::test(flavor = "multi_thread")]
+async fn query_of_a_rolled_back_server_that_returns_nothing_is_a_verification_failure() {
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    let early = work.path().join("early");
+    let state = work.path().join("state");
+    let mut srv = server_with(LocalImmudbOptions {
+        data_dir: Some(data.clone()),
+        ..Default::default()
+    })
+    .await;
+    srv.stop().unwrap();
+    copy_tree(&data, &early);
+    srv.start_again().await.unwrap();
+    ingest_three(srv.port(), work.path(), &state);
+
+    // The early copy back: same server identity, none of the records.
+    srv.stop().unwrap();
+    std::fs::remove_dir_all(&data).unwrap();
+    copy_tree(&early, &data);
+    srv.start_again().await.unwrap();
+
+    for prefix in ["qt:", "nothing-here:"] {
+        let q = bt2immu(&["query", "--prefix", prefix], srv.port(), &state);
+        let err = String::from_utf8_lossy(&q.stderr);
+        assert_eq!(q.status.code(), Some(3), "prefix {prefix}: {err}");
+        assert!(err.contains("older than the trusted state"), "{err}");
+        assert!(q.stdout.is_empty(), "nothing is listed from such a server");
+    }
+}
+
+/// The attack an adversarial pass found: delete a record and write a forged one with the
+/// same sequence number under a key a few nanoseconds away. The sequence has no gap and the
+/// forged key has one revision; the deletion in the database's history gives it away.
+#[tokio::test(flavor = "multi_thread")]
+async fn query_notices_a_record_deleted_and_replaced_by_a_forgery() {
+    let srv = server().await;
+    let work = tempfile::tempdir().unwrap();
+    let state = work.path().join("state");
+    let keys = ingest_three(srv.port(), work.path(), &state);
+
+    // The original value of the second record, with its line changed.
+    let q = bt2immu(&["query", "--prefix", "qt:"], srv.port(), &state);
+    let original = rows(&q)
+        .into_iter()
+        .find(|r| r["key"] == keys[1].as_str())
+        .unwrap()["value"]
+        .clone();
+    assert_eq!(original["line"], "second");
+    let mut forged = original.clone();
+    forged["line"] = "harmless-replacement".into();
+    let z = keys[1].find("Z:").unwrap();
+    let mut forged_key = keys[1].clone().into_bytes();
+    forged_key[z - 1] = if forged_key[z - 1] == b'0' {
+        b'1'
+    } else {
+        b'0'
+    };
+
+    admin_deletes(srv.port(), work.path(), &keys[1]);
+    let c = client(srv.port(), &work.path().join("forger")).await;
+    c.verified_set(
+        &[(forged_key.clone(), serde_json::to_vec(&forged).unwrap())],
+        SetMode::MustNotExist,
+    )
+    .await
+    .unwrap();
+    c.close().await;
+
+    let q = bt2immu(&["query", "--prefix", "qt:"], srv.port(), &state);
+    let err = String::from_utf8_lossy(&q.stderr);
+    assert_eq!(q.status.code(), Some(3), "the forgery passed: {err}");
+    assert!(
+        err.contains(&format!("{}: deleted in tx", keys[1])),
+        "the deletion is named: {err}"
     );
 }

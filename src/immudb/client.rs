@@ -502,6 +502,75 @@ impl ImmuClient {
         })
     }
 
+    /// Proves that the server's current state extends the trusted one (no rollback, same
+    /// history) and makes it the trusted state; returns its tx id. A read that returns no
+    /// records proves nothing by itself: this is what makes an empty answer trustworthy.
+    pub async fn verify_current_state(&self) -> Result<u64, ClientError> {
+        let server = self.current_state().await?;
+        if let Some((local_tx, _)) = self.trusted_state().await? {
+            if server.tx_id < local_tx {
+                return Err(ClientError::ServerStateOlder {
+                    server_tx: server.tx_id,
+                    local_tx,
+                });
+            }
+        }
+        if server.tx_id > 0 {
+            self.verified_tx_by_id(server.tx_id).await?;
+        }
+        Ok(server.tx_id)
+    }
+
+    /// Reads every transaction from the first to the trusted one and proves they are the
+    /// database's whole, unaltered history: tx 1 starts from `H("")`, each header's prevAlh
+    /// is the Alh of the one before, each transaction's entries hash to its eH, and the last
+    /// Alh is the trusted state's. `visit` sees each transaction: what a scan cannot show —
+    /// logically deleted keys, every revision — is there. Call
+    /// [`verify_current_state`](Self::verify_current_state) first to walk up to the server's
+    /// present. Returns how many transactions were walked.
+    pub async fn walk_history<F>(&self, mut visit: F) -> Result<u64, ClientError>
+    where
+        F: FnMut(&TxHeader, &[TxEntry]),
+    {
+        let Some((last, last_alh)) = self.trusted_state().await? else {
+            return Ok(0);
+        };
+        let mut prev_alh: Digest = <sha2::Sha256 as sha2::Digest>::digest(b"").into();
+        for id in 1..=last {
+            let req = proto::TxRequest {
+                tx: id,
+                ..Default::default()
+            };
+            let tx = self
+                .call("TxById", req, |mut c, r| async move { c.tx_by_id(r).await })
+                .await?
+                .into_inner();
+            let (header, entries) = tx_from_proto(&tx)?;
+            if header.id != id {
+                return Err(inconsistent(format!(
+                    "asked for tx {id}, got tx {}",
+                    header.id
+                )));
+            }
+            if header.prev_alh != prev_alh {
+                return Err(inconsistent(format!(
+                    "tx {id} does not follow tx {}: its prevAlh is not that transaction's Alh \
+                     (the history was rewritten)",
+                    id - 1
+                )));
+            }
+            proof::verify_tx_entries(&header, &entries).map_err(verification("tx entries"))?;
+            prev_alh = header.alh().map_err(verification("tx header"))?;
+            visit(&header, &entries);
+        }
+        if prev_alh != last_alh {
+            return Err(inconsistent(format!(
+                "the history up to tx {last} does not end in the trusted state's Alh"
+            )));
+        }
+        Ok(last)
+    }
+
     /// Unverified write of many KVs in one transaction (for benchmarks). Returns the tx id.
     pub async fn set(&self, kvs: &[(Vec<u8>, Vec<u8>)], mode: SetMode) -> Result<u64, ClientError> {
         let req = set_request(kvs, mode)?;
