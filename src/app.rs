@@ -122,8 +122,13 @@ pub fn apply_config_file(path: Option<&Path>) -> Result<()> {
 
 fn read_password(conn: &ConnArgs) -> Result<Option<String>> {
     if let Some(p) = &conn.password_file {
-        let s = fs::read_to_string(p)
-            .with_context(|| format!("reading password file {}", p.display()))?;
+        // A file that cannot be read is bad input, like an unreadable script (exit 2).
+        let s = fs::read_to_string(p).map_err(|e| {
+            exit(
+                cli::EXIT_USAGE,
+                format!("reading password file {}: {e}", p.display()),
+            )
+        })?;
         return Ok(Some(s.lines().next().unwrap_or("").to_string()));
     }
     Ok(std::env::var("IMMUCLIENT_PASSWORD").ok())
@@ -660,7 +665,7 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         "bt2immu: {} records captured ({} typed lines, {} events, {} kept raw (flagged; {} of \
          them typed lines that did not arrive whole), {} events lost in the kernel, {} events of \
          bt2immu's own processes left out); {} written and verified in {} transactions (last tx \
-         {})",
+         {}){}",
         pipeline.counts.records,
         pipeline.counts.typed_lines,
         pipeline.counts.events,
@@ -670,7 +675,15 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         pipeline.counts.own_events,
         stats.written,
         stats.transactions,
-        stats.last_tx
+        stats.last_tx,
+        if stats.already_present > 0 {
+            format!(
+                "; {} already in immudb from before a crash (not written twice)",
+                stats.already_present
+            )
+        } else {
+            String::new()
+        }
     );
     drop(target);
     match ended {
@@ -1243,6 +1256,27 @@ pub async fn query(args: QueryArgs) -> Result<i32> {
         };
         let parsed: serde_json::Value = serde_json::from_slice(&value)
             .unwrap_or_else(|_| json!({"raw": record::readable(&value)}));
+        if args.verify {
+            // A record's key is made of its value: a value under any other key was copied or
+            // forged there.
+            match record::expected_key(&parsed) {
+                Some(k) if k == key => {}
+                Some(k) => {
+                    tampered = true;
+                    problems.push(format!(
+                        "{key}: holds a record whose source, host, time and seq make the key \
+                         {k}: copied or forged, not written there by bt2immu"
+                    ));
+                }
+                None => {
+                    tampered = true;
+                    problems.push(format!(
+                        "{key}: not a record bt2immu wrote (no source, host, ts or seq): put \
+                         under the trail's prefix by someone else"
+                    ));
+                }
+            }
+        }
         if let (Some(host), Some(source), Some(seq)) = (
             parsed.get("host").and_then(|v| v.as_str()),
             parsed.get("source").and_then(|v| v.as_str()),
@@ -1262,6 +1296,14 @@ pub async fn query(args: QueryArgs) -> Result<i32> {
     if args.verify && complete && whole_sources {
         for ((host, source), mut v) in seqs {
             v.sort_unstable();
+            // Two records with one seq: the agent numbers each record once.
+            for w in v.windows(2).filter(|w| w[0] == w[1]) {
+                problems.push(format!(
+                    "{source} on {host}: record {} appears more than once (one is not the \
+                     agent's)",
+                    w[0]
+                ));
+            }
             v.dedup();
             let mut expect = 1u64;
             for s in v {

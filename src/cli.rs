@@ -13,7 +13,8 @@ pub const EXIT_REFUSED: i32 = 4;
 
 const EXIT_CODES: &str = "\
 Exit codes:
-  0  success; also after SIGINT/SIGTERM once everything captured is flushed
+  0  success; also after SIGINT/SIGTERM once everything captured is written to immudb or,
+     if immudb cannot be reached then, kept in the spool (sent at the next start; it says so)
   1  error (immudb unreachable at start, bpftrace failing, I/O, ...)
   2  bad usage or unreadable input
   3  VERIFICATION FAILED: a proof did not check, the server rolled back or changed identity,
@@ -120,10 +121,13 @@ pub struct RunArgs {
     /// bpftrace binary.
     #[arg(long, env = "BT2IMMU_BPFTRACE", default_value = "bpftrace")]
     pub bpftrace: PathBuf,
-    /// Longest line captured whole by the bashreadline script (up to 2097600; rounded up to
-    /// whole 200-byte chunks); a longer line is stored cut, flagged, with its exact length
-    /// and its last 65600 bytes. Each 262200 bytes add a BPF program to load at start.
-    #[arg(long, default_value_t = crate::readline::DEFAULT_MAX_LINE_BYTES)]
+    /// The head of a typed line the bashreadline script captures (1 to 2097600; rounded up
+    /// to whole 200-byte chunks). Lines up to this plus 65600 bytes are stored whole; a longer
+    /// line is stored cut, flagged, with its exact length, this head and its last 65600
+    /// bytes. Each 262200 bytes add a BPF program to load at start.
+    #[arg(long, default_value_t = crate::readline::DEFAULT_MAX_LINE_BYTES,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new()
+              .range(1..=crate::readline::MAX_LINE_BYTES as u64))]
     pub max_line_bytes: usize,
     /// Shell binaries whose readline to probe (default: /bin/bash and bash from /etc/shells).
     #[arg(long = "shell", value_name = "PATH")]
@@ -169,7 +173,9 @@ pub struct CheckArgs {
     #[arg(long, conflicts_with = "json")]
     pub render: bool,
     /// With --render: the line limit (see `run --max-line-bytes`).
-    #[arg(long, default_value_t = crate::readline::DEFAULT_MAX_LINE_BYTES, requires = "render")]
+    #[arg(long, default_value_t = crate::readline::DEFAULT_MAX_LINE_BYTES, requires = "render",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new()
+              .range(1..=crate::readline::MAX_LINE_BYTES as u64))]
     pub max_line_bytes: usize,
     /// With --render: shell binaries whose readline to probe.
     #[arg(long = "shell", value_name = "PATH", requires = "render")]

@@ -1320,7 +1320,17 @@ fn assemble(tid: u64, id: u64, pend: Pending) -> AssembledEvent {
             _ => line.extend_from_slice(&data),
         }
     }
-    AssembledEvent::Line(typed_line(tid, id, prov, line, tail, pend.tail_start))
+    // A line longer than the head but not than head and tail together: the tail starts
+    // where the head ends, every byte is here, and the line is whole.
+    let mut tail_start = pend.tail_start;
+    if let (Some(t0), Some(t)) = (tail_start, tail.as_ref()) {
+        if line.len() as u64 == t0 && t0 + t.len() as u64 == prov.len {
+            line.extend_from_slice(t);
+            tail = None;
+            tail_start = None;
+        }
+    }
+    AssembledEvent::Line(typed_line(tid, id, prov, line, tail, tail_start))
 }
 
 /// A line with the provenance of its P record.

@@ -257,6 +257,26 @@ pub fn get_bytes(map: &Map<String, Value>, name: &str) -> Option<Vec<u8>> {
     }
 }
 
+/// A record's key: made of its value's source, host, time and seq, so a value stored under any
+/// other key is not where its agent put it.
+fn key_of(source: &str, host: &str, ts: &DateTime<Utc>, seq: u64) -> String {
+    format!(
+        "{source}:{host}:{}:{seq:016}",
+        ts.format("%Y%m%dT%H%M%S%.9fZ")
+    )
+}
+
+/// The key a stored record must be under, from its value; `None` when the value lacks what an
+/// agent writes into every record.
+pub fn expected_key(value: &Value) -> Option<String> {
+    let s = |k: &str| value.get(k).and_then(Value::as_str);
+    let ts = DateTime::parse_from_rfc3339(s("ts")?)
+        .ok()?
+        .with_timezone(&Utc);
+    let seq = value.get("seq").and_then(Value::as_u64)?;
+    Some(key_of(s("source")?, s("host")?, &ts, seq))
+}
+
 /// A source name made safe for keys: `[a-z0-9_.-]`, never empty, no `:`.
 pub fn source_name(raw: &str) -> String {
     let s: String = raw
@@ -347,13 +367,7 @@ impl Shaper {
         for (k, val) in body {
             v.insert(k, val);
         }
-        let key = format!(
-            "{}:{}:{}:{:016}",
-            self.source,
-            self.ctx.host,
-            ts.format("%Y%m%dT%H%M%S%.9fZ"),
-            seq
-        );
+        let key = key_of(&self.source, &self.ctx.host, &ts, seq);
         Record {
             seq,
             key,

@@ -383,14 +383,31 @@ fn exact_multiple_of_the_chunk_has_no_s_record() {
 
 #[test]
 fn cut_lines_keep_the_head_the_exact_length_and_the_tail() {
-    // (len, where the tail starts) in the layout chunk 200, head 400, tail 200.
+    // (len, where the tail starts) in the layout chunk 200, head 400, tail 200. The tail
+    // starting at the head's end means every byte came: such a line is whole.
     for (len, t0) in [
         (401u64, 400u64), // only a partial chunk beyond the head
         (450, 400),
-        (600, 400),  // one full chunk beyond the head: all of it is tail
-        (650, 400),  // full_end 600 is not beyond head + tail
-        (800, 600),  // full_end 800 > 600: the last 200 full bytes
-        (1000, 800), // exact multiple, no S
+        (600, 400), // one full chunk beyond the head: all of it is tail
+        (650, 400), // full_end 600 is not beyond head + tail
+    ] {
+        assert_eq!(tail_start(len, 200, 400, 200), t0, "test's own arithmetic");
+        let data = text(len as usize, len as u8);
+        let mut recs = vec![p(8, len, true, false, len)];
+        recs.extend(chunk_records(8, len, &data, 200, 400, 200));
+        recs.rotate_left(1);
+        let out = run(&std::iter::once(small()).chain(recs).collect::<Vec<_>>());
+        let l = only_line(&out);
+        assert_eq!(
+            l.line, data,
+            "len {len}: head and tail meet, the line is whole"
+        );
+        assert_eq!((l.len, l.truncated, l.tail_offset), (len, false, None));
+        assert_eq!(l.tail, None);
+    }
+    for (len, t0) in [
+        (800u64, 600u64), // full_end 800 > 600: the last 200 full bytes
+        (1000, 800),      // exact multiple, no S
         (1234, 1000),
     ] {
         assert_eq!(tail_start(len, 200, 400, 200), t0, "test's own arithmetic");
@@ -433,10 +450,10 @@ fn a_line_of_exactly_the_head_is_not_cut() {
 
 #[test]
 fn without_a_b_record_the_options_decide_the_layout() {
-    // max_line_bytes 300 rounds up to a 400-byte head: a 450-byte line is cut, and its tail
-    // starts at 400 (the script's TAIL_BYTES is larger than anything beyond the head here).
-    let data = text(450, 5);
-    let recs: Vec<Vec<u8>> = std::iter::once(p(5, 1, true, false, 450))
+    // max_line_bytes 300 rounds up to a 400-byte head: a 66,450-byte line is cut, and its
+    // tail is the script's last 65,600 full bytes and the partial chunk.
+    let data = text(66_450, 5);
+    let recs: Vec<Vec<u8>> = std::iter::once(p(5, 1, true, false, 66_450))
         .chain(chunk_records(5, 1, &data, 200, 400, 65_600))
         .collect();
     let mut a = Assembler::new(ReadlineOptions {
@@ -448,7 +465,9 @@ fn without_a_b_record_the_options_decide_the_layout() {
     let l = only_line(&out);
     assert!(l.truncated);
     assert_eq!(l.line, data[..400]);
-    assert_eq!(l.tail.as_deref(), Some(&data[400..]));
+    assert_eq!(l.tail_offset, Some(800));
+    assert_eq!(l.tail.as_deref(), Some(&data[800..]));
+    let data = text(450, 5);
 
     // The default options (1 MiB) take the same 450 bytes whole ...
     let recs: Vec<Vec<u8>> = std::iter::once(p(5, 1, true, false, 450))
@@ -458,8 +477,10 @@ fn without_a_b_record_the_options_decide_the_layout() {
     assert_eq!(only_line(&out).line, data);
     assert!(!only_line(&out).truncated);
 
-    // ... unless the script announced a smaller head: the B record wins over the options.
-    let mut cut = vec![small(), p(5, 1, true, false, 450)];
+    // ... unless the script announced a smaller head: the B record wins over the options
+    // (chunk 200, head 400, tail 200: 1,000 bytes are cut).
+    let data = text(1000, 5);
+    let mut cut = vec![small(), p(5, 1, true, false, 1000)];
     cut.extend(chunk_records(5, 1, &data, 200, 400, 200));
     let out = run(&cut);
     assert!(only_line(&out).truncated);
@@ -853,18 +874,19 @@ proptest! {
         prop_assert!(a.finish().is_empty());
         let l = only_line(&out);
         prop_assert_eq!(l.len, len);
-        if len <= head {
+        let t0 = tail_start(len, chunk, head, tail);
+        // Whole when the tail begins where the head ends: every byte came.
+        if len <= head || t0 == head {
             prop_assert_eq!(&l.line, &data);
             prop_assert!(!l.truncated);
             prop_assert_eq!(&l.tail, &None);
         } else {
-            let t0 = tail_start(len, chunk, head, tail);
             prop_assert_eq!(&l.line[..], &data[..head as usize]);
             prop_assert!(l.truncated);
             prop_assert_eq!(l.tail_offset, Some(t0));
             prop_assert_eq!(l.tail.as_deref(), Some(&data[t0 as usize..]));
             // The tail holds at most `tail` full bytes plus the partial chunk.
-            prop_assert!(t0 == head || len - t0 < tail + chunk);
+            prop_assert!(len - t0 < tail + chunk);
         }
     }
 }

@@ -231,3 +231,88 @@ async fn query_notices_a_record_deleted_and_replaced_by_a_forgery() {
         "the deletion is named: {err}"
     );
 }
+
+/// Records put under the trail's prefix by someone else (found by an adversarial pass: they
+/// were listed as verified): a copy of a real value under another key, a value that is no
+/// bt2immu record at all, and a well-formed forgery that repeats a real record's seq.
+#[tokio::test(flavor = "multi_thread")]
+async fn query_flags_records_that_bt2immu_did_not_write() {
+    let srv = server().await;
+    let work = tempfile::tempdir().unwrap();
+    let state = work.path().join("state");
+    let keys = ingest_three(srv.port(), work.path(), &state);
+    let q = bt2immu(&["query", "--prefix", "qt:"], srv.port(), &state);
+    let second = rows(&q)
+        .into_iter()
+        .find(|r| r["key"] == keys[1].as_str())
+        .unwrap()["value"]
+        .clone();
+    let host = second["host"].as_str().unwrap().to_string();
+
+    // A forgery made consistent with its key: same seq, a time 1 ns later.
+    let mut forged = second.clone();
+    forged["line"] = "forged".into();
+    let ts = second["ts"].as_str().unwrap();
+    let later = format!("{}{}Z", &ts[..ts.len() - 2], {
+        let d = ts.as_bytes()[ts.len() - 2];
+        if d == b'9' {
+            '8'
+        } else {
+            (d + 1) as char
+        }
+    });
+    forged["ts"] = later.clone().into();
+    let forged_key = bt2immu::record::expected_key(&forged).unwrap();
+    assert_ne!(forged_key, keys[1]);
+    let copy_key = format!("qt:{host}:20000101T000000.000000000Z:0000000000000099");
+    let foreign_key = format!("qt:{host}:zzz");
+
+    let c = client(srv.port(), &work.path().join("forger")).await;
+    c.verified_set(
+        &[
+            (
+                forged_key.clone().into_bytes(),
+                serde_json::to_vec(&forged).unwrap(),
+            ),
+            (
+                copy_key.clone().into_bytes(),
+                serde_json::to_vec(&second).unwrap(),
+            ),
+            (
+                foreign_key.clone().into_bytes(),
+                b"{\"line\":\"hello\"}".to_vec(),
+            ),
+        ],
+        SetMode::MustNotExist,
+    )
+    .await
+    .unwrap();
+    c.close().await;
+
+    let q = bt2immu(&["query", "--prefix", "qt:"], srv.port(), &state);
+    let err = String::from_utf8_lossy(&q.stderr);
+    assert_eq!(q.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{copy_key}: holds a record whose source, host, time and seq make the key {}",
+            keys[1]
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("{foreign_key}: not a record bt2immu wrote")),
+        "{err}"
+    );
+    assert!(
+        err.contains("qt on ") && err.contains(": record 2 appears more than once"),
+        "{err}"
+    );
+    let listed = rows(&q);
+    let flagged: Vec<&str> = listed
+        .iter()
+        .filter(|r| r["tampered"] == true)
+        .map(|r| r["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(flagged.len(), 2, "{flagged:?}");
+    assert!(flagged.contains(&copy_key.as_str()) && flagged.contains(&foreign_key.as_str()));
+}

@@ -1,0 +1,51 @@
+//! Bad input on the command line is exit code 2 with a message naming what was wrong, before
+//! anything is started (found by an adversarial pass: these were exit 1).
+
+use std::process::Command;
+
+fn bt2immu(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_bt2immu"))
+        .args(args)
+        .env_remove("BT2IMMU_CONFIG")
+        .env_remove("IMMUCLIENT_PASSWORD")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn out_of_range_line_limits_are_usage_errors() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/bashreadline.bt");
+    for bad in ["0", "2097601", "99999999", "lots"] {
+        let (code, err) = bt2immu(&["run", "--max-line-bytes", bad, script]);
+        assert_eq!(code, Some(2), "--max-line-bytes {bad}: {err}");
+        assert!(err.contains("--max-line-bytes"), "{err}");
+        let (code, err) = bt2immu(&["check", "--render", "--max-line-bytes", bad, script]);
+        assert_eq!(code, Some(2), "check --max-line-bytes {bad}: {err}");
+    }
+}
+
+#[test]
+fn an_unreadable_password_file_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-password");
+    let (code, err) = bt2immu(&[
+        "query",
+        "--immudb-address",
+        "127.0.0.1",
+        "--immudb-port",
+        "1",
+        "--password-file",
+        missing.to_str().unwrap(),
+        "--state-dir",
+        dir.path().join("state").to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(&format!("reading password file {}", missing.display())),
+        "{err}"
+    );
+}
