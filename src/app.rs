@@ -23,7 +23,7 @@ use crate::readline;
 use crate::record::{self, HostContext, ScriptRef, Shaper};
 use crate::script;
 use crate::sink::{self, SinkConfig, SinkError, SinkProgress};
-use crate::spool::Spool;
+use crate::spool::{Salvage, Spool, SpoolError};
 use crate::supervisor::{self, BpftraceCommand, ChildMsg, Ended, RestartPolicy};
 
 /// Prints a message for the operator on stderr. Unlike `eprintln!`, a closed stderr (e.g.
@@ -112,6 +112,15 @@ pub fn apply_config_file(path: Option<&Path>) -> Result<()> {
                 path.display()
             ),
         };
+        if k == "immudb-port" && !value.parse::<u16>().is_ok_and(|p| p > 0) {
+            return Err(exit(
+                cli::EXIT_USAGE,
+                format!(
+                    "{}: immudb-port must be a port number (1-65535), not {value:?}",
+                    path.display()
+                ),
+            ));
+        }
         if std::env::var_os(env).is_none() {
             // SAFETY: called once at start-up, before any thread is spawned.
             unsafe { std::env::set_var(env, value) };
@@ -243,10 +252,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
 /// would reuse sequence numbers.
 struct SpoolLock(#[allow(dead_code)] fs::File);
 
-fn open_spool(
-    state_dir: &Path,
-    source: &str,
-) -> Result<(Arc<Mutex<Spool>>, crate::spool::Recovery, SpoolLock)> {
+fn open_spool(state_dir: &Path, source: &str) -> Result<OpenedSpool> {
     let root = state_dir.join("spool");
     ensure_private_dir(&root)?;
     let lock_path = root.join(format!("{source}.lock"));
@@ -266,9 +272,186 @@ fn open_spool(
             lock_path.display()
         );
     }
-    let (spool, recovery) = Spool::open(root.join(source))
-        .with_context(|| format!("opening the spool under {}", root.display()))?;
-    Ok((Arc::new(Mutex::new(spool)), recovery, SpoolLock(lock)))
+    let dir = root.join(source);
+    let (spool, recovery, damaged) = match Spool::open(&dir) {
+        Ok((spool, recovery)) => (spool, recovery, None),
+        Err(e @ SpoolError::Corrupted { .. }) => {
+            let (spool, recovery, d) = quarantine_spool(&dir, e)?;
+            (spool, recovery, Some(d))
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("opening the spool under {}", root.display()))
+        }
+    };
+    Ok(OpenedSpool {
+        spool: Arc::new(Mutex::new(spool)),
+        recovery,
+        damaged,
+        _lock: SpoolLock(lock),
+    })
+}
+
+/// A spool ready for the pipeline, and what opening it had to repair.
+struct OpenedSpool {
+    spool: Arc<Mutex<Spool>>,
+    recovery: crate::spool::Recovery,
+    damaged: Option<DamagedSpool>,
+    _lock: SpoolLock,
+}
+
+/// A spool that could not be trusted as it was, moved aside (never deleted: it is evidence,
+/// and what could not be read may still be recovered by hand).
+struct DamagedSpool {
+    moved_to: std::path::PathBuf,
+    error: String,
+    salvage: Salvage,
+}
+
+impl DamagedSpool {
+    /// The loss record's detail; `count` is the numbers between the acknowledgement and the
+    /// highest one seen that nothing readable carries (unknown when the ack itself is gone).
+    fn record(&self) -> (Option<u64>, Map<String, serde_json::Value>) {
+        let s = &self.salvage;
+        let count = s
+            .acked
+            .map(|_| s.lost.iter().map(|(a, b)| b - a + 1).sum::<u64>());
+        let mut d = Map::new();
+        // The query reads these to tell numbers lost to the damage from deleted records.
+        d.insert(
+            "lost_seqs".into(),
+            json!(s.lost.iter().map(|(a, b)| [a, b]).collect::<Vec<_>>()),
+        );
+        d.insert(
+            "moved_to".into(),
+            json!(self.moved_to.display().to_string()),
+        );
+        d.insert("error".into(), json!(self.error));
+        d.insert("recovered".into(), json!(s.recovered));
+        d.insert("unreadable_bytes".into(), json!(s.unreadable_bytes));
+        d.insert(
+            "detail".into(),
+            json!(
+                "the spool was damaged on disk; every record with a good checksum was \
+                   kept, the numbers of the others are left unused"
+            ),
+        );
+        (count, d)
+    }
+
+    fn note(&self, pipeline: &mut Pipeline) -> Result<()> {
+        let (count, d) = self.record();
+        match count {
+            Some(n) => pipeline.note_loss("spool_corrupted", n, d)?,
+            None => pipeline.note_loss_uncounted("spool_corrupted", d)?,
+        }
+        Ok(())
+    }
+}
+
+/// Moves a damaged spool aside and starts a fresh one with what can still be read from it, so
+/// damage on disk costs the records it hit, never the recording. Numbers used by the damaged
+/// spool are never used again.
+fn quarantine_spool(
+    dir: &Path,
+    error: SpoolError,
+) -> Result<(Spool, crate::spool::Recovery, DamagedSpool)> {
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
+    let name = dir.file_name().unwrap_or_default().to_string_lossy();
+    let moved_to = dir.with_file_name(format!("{name}.damaged-{stamp}"));
+    fs::rename(dir, &moved_to)
+        .with_context(|| format!("moving the damaged spool {} aside ({error})", dir.display()))?;
+    let (mut spool, _) =
+        Spool::open(dir).with_context(|| format!("creating a new spool in {}", dir.display()))?;
+    let mut batch = Vec::new();
+    let salvage = crate::spool::salvage(&moved_to, |e| {
+        batch.push(e);
+        if batch.len() >= 256 {
+            spool.restore(&std::mem::take(&mut batch))?;
+        }
+        Ok(())
+    })
+    .and_then(|s| spool.restore(&batch).map(|()| s))
+    .and_then(|s| spool.skip_to(s.highest_seq + 1).map(|()| s))
+    .with_context(|| format!("reading back the damaged spool {}", moved_to.display()))?;
+    say!(
+        "bt2immu: WARNING: the spool {} is damaged ({error}); moved it to {} and kept the {} \
+         unacknowledged records that still read back ({} bytes unreadable); the trail gets a \
+         spool_corrupted loss record",
+        dir.display(),
+        moved_to.display(),
+        salvage.recovered,
+        salvage.unreadable_bytes
+    );
+    let (spool, recovery) = {
+        drop(spool);
+        Spool::open(dir).with_context(|| format!("reopening the new spool {}", dir.display()))?
+    };
+    Ok((
+        spool,
+        recovery,
+        DamagedSpool {
+            moved_to,
+            error: error.to_string(),
+            salvage,
+        },
+    ))
+}
+
+/// On a new state dir (or after a damaged spool lost its numbering), continues the record
+/// numbers this host's agent already used in immudb for `prefix`: reusing them would make the
+/// trail look tampered with (two records with one seq). Best effort: capture never waits long
+/// for immudb.
+async fn continue_numbering(config: &ClientConfig, prefix: &str, spool: &Mutex<Spool>) {
+    let look = async {
+        let client = ImmuClient::connect(config.clone()).await?;
+        let page = client.scan(prefix.as_bytes(), b"", 100, true).await?;
+        let mut best: Option<(u64, Vec<u8>)> = None;
+        for e in page {
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&e.value) else {
+                continue;
+            };
+            let Some(seq) = v.get("seq").and_then(|s| s.as_u64()) else {
+                continue;
+            };
+            if record::expected_key(&v).as_deref().map(str::as_bytes) != Some(&e.key[..]) {
+                continue;
+            }
+            if best.as_ref().is_none_or(|(b, _)| seq > *b) {
+                best = Some((seq, e.key));
+            }
+        }
+        if let Some((_, key)) = &best {
+            // The number must come from a record the server proves it holds.
+            client.verified_get(key).await?;
+        }
+        client.close().await;
+        Ok::<_, crate::immudb::client::ClientError>(best.map(|(s, _)| s))
+    };
+    match tokio::time::timeout(Duration::from_secs(10), look).await {
+        Ok(Ok(Some(highest))) => {
+            let mut spool = spool.lock().expect("spool lock");
+            if highest >= spool.next_seq() {
+                say!(
+                    "bt2immu: this state dir is new to the trail: record numbers continue after \
+                     {highest}, the highest under {prefix} in immudb"
+                );
+                if let Err(e) = spool.skip_to(highest + 1) {
+                    say!("bt2immu: WARNING: could not keep the record numbering: {e}");
+                }
+            }
+        }
+        Ok(Ok(None)) => {}
+        Ok(Err(e)) => say!(
+            "bt2immu: WARNING: could not read the trail to continue its record numbers ({e}); \
+             if this host recorded under {prefix} before with another state dir, numbers \
+             restart at 1 and `bt2immu query` will report repeated records"
+        ),
+        Err(_) => say!(
+            "bt2immu: WARNING: immudb did not answer within 10 s to continue the record \
+             numbers; if this host recorded under {prefix} before with another state dir, \
+             numbers restart at 1 and `bt2immu query` will report repeated records"
+        ),
+    }
 }
 
 /// The running sink and the switches that end it.
@@ -520,7 +703,12 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     };
 
     let target = resolve_target(&args.conn, true).await?;
-    let (spool, recovery, _lock) = open_spool(&args.conn.state_dir, &source)?;
+    let OpenedSpool {
+        spool,
+        recovery,
+        damaged,
+        _lock,
+    } = open_spool(&args.conn.state_dir, &source)?;
     let host = HostContext::detect().context("reading host identity")?;
     let script_ref = ScriptRef {
         path: args
@@ -530,6 +718,9 @@ pub async fn run(args: RunArgs) -> Result<i32> {
             .unwrap_or_else(|| "-e".into()),
         sha256: sha256_hex(source_text.as_bytes()),
     };
+    if recovery.next_seq == 1 || damaged.is_some() {
+        continue_numbering(&target.config, &format!("{source}:{}:", host.host), &spool).await;
+    }
     let next_seq = spool.lock().expect("spool lock").next_seq();
     let shaper = Shaper::new(host, &source, Some(script_ref), next_seq);
     let key_prefix = shaper.key_prefix();
@@ -541,6 +732,9 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         let mut d = Map::new();
         d.insert("bytes".into(), json!(recovery.torn_bytes));
         pipeline.note_loss("spool_torn_tail", 1, d)?;
+    }
+    if let Some(d) = &damaged {
+        d.note(&mut pipeline)?;
     }
     // A marker that exists only while an agent runs: finding it at start means the previous
     // run was killed (or the host crashed), and the trail must say that capture stopped then.
@@ -812,12 +1006,20 @@ pub async fn ingest(args: IngestArgs) -> Result<i32> {
     );
     ensure_private_dir(&args.conn.state_dir)?;
     let target = resolve_target(&args.conn, false).await?;
-    let (spool, recovery, _lock) = open_spool(&args.conn.state_dir, &source)?;
+    let OpenedSpool {
+        spool,
+        recovery,
+        damaged,
+        _lock,
+    } = open_spool(&args.conn.state_dir, &source)?;
     let host = HostContext::detect().context("reading host identity")?;
     let script_ref = args.script.as_ref().map(|p| ScriptRef {
         path: p.display().to_string(),
         sha256: sha256_hex(script_text.as_deref().unwrap_or("").as_bytes()),
     });
+    if recovery.next_seq == 1 || damaged.is_some() {
+        continue_numbering(&target.config, &format!("{source}:{}:", host.host), &spool).await;
+    }
     let next_seq = spool.lock().expect("spool lock").next_seq();
     let shaper = Shaper::new(host, &source, script_ref, next_seq).replayed();
     let mut pipeline = Pipeline::new(format, interp, shaper, spool.clone(), args.stdout);
@@ -825,6 +1027,9 @@ pub async fn ingest(args: IngestArgs) -> Result<i32> {
         let mut d = Map::new();
         d.insert("bytes".into(), json!(recovery.torn_bytes));
         pipeline.note_loss("spool_torn_tail", 1, d)?;
+    }
+    if let Some(d) = &damaged {
+        d.note(&mut pipeline)?;
     }
     let sink = spawn_sink(target.config.clone(), spool.clone());
     pipeline.feed(&first)?;
@@ -1162,6 +1367,9 @@ fn newest_missing(
             continue;
         };
         let source = ent.file_name().to_string_lossy().into_owned();
+        if source.contains(".damaged-") {
+            continue; // moved aside: its numbers continue in the new spool
+        }
         if !format!("{source}:{host}:").starts_with(prefix) {
             continue;
         }
@@ -1194,6 +1402,44 @@ fn newest_missing(
     Ok(problems)
 }
 
+/// The `lost_seqs` ranges of a `spool_corrupted` loss record.
+fn lost_ranges(v: &serde_json::Value) -> Vec<(u64, u64)> {
+    v.get("lost_seqs")
+        .and_then(|l| l.as_array())
+        .map(|l| {
+            l.iter()
+                .filter_map(|r| Some((r.get(0)?.as_u64()?, r.get(1)?.as_u64()?)))
+                .filter(|(a, b)| a <= b)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The parts of the inclusive range `gap` that no range in `cover` includes.
+fn uncovered(gap: (u64, u64), cover: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut parts = vec![gap];
+    for &(ca, cb) in cover {
+        parts = parts
+            .into_iter()
+            .flat_map(|(a, b)| {
+                let mut out = Vec::new();
+                if cb < a || ca > b {
+                    out.push((a, b));
+                } else {
+                    if ca > a {
+                        out.push((a, ca - 1));
+                    }
+                    if cb < b {
+                        out.push((cb + 1, b));
+                    }
+                }
+                out
+            })
+            .collect();
+    }
+    parts
+}
+
 pub async fn query(args: QueryArgs) -> Result<i32> {
     // The local immudb that `run` starts when none is configured stops with it; reading the
     // trail back starts it again (and stops it after).
@@ -1224,6 +1470,9 @@ pub async fn query(args: QueryArgs) -> Result<i32> {
     // so a missing number means a record vanished (e.g. immudb's logical delete).
     let mut problems: Vec<String> = Vec::new();
     let mut seqs: std::collections::BTreeMap<(String, String), Vec<u64>> = Default::default();
+    // Numbers the agent itself reported lost (a damaged spool): gaps, but not tampering.
+    let mut explained: std::collections::BTreeMap<(String, String), Vec<(u64, u64)>> =
+        Default::default();
     for (i, e) in entries.into_iter().enumerate() {
         // A long trail takes a while to verify record by record: say how far it got.
         if args.verify && reported.elapsed() >= Duration::from_secs(5) {
@@ -1285,6 +1534,13 @@ pub async fn query(args: QueryArgs) -> Result<i32> {
             seqs.entry((host.to_string(), source.to_string()))
                 .or_default()
                 .push(seq);
+            if !tampered && parsed.get("cause").and_then(|c| c.as_str()) == Some("spool_corrupted")
+            {
+                explained
+                    .entry((host.to_string(), source.to_string()))
+                    .or_default()
+                    .extend(lost_ranges(&parsed));
+            }
         }
         rows.push((key, e.tx, parsed, tampered));
     }
@@ -1305,16 +1561,28 @@ pub async fn query(args: QueryArgs) -> Result<i32> {
                 ));
             }
             v.dedup();
+            let cover = explained
+                .get(&(host.clone(), source.clone()))
+                .map(Vec::as_slice)
+                .unwrap_or_default();
             let mut expect = 1u64;
             for s in v {
                 if s > expect {
-                    problems.push(format!(
-                        "{source} on {host}: record(s) {expect}..={} are missing (deleted, or \
-                         never written)",
-                        s - 1
-                    ));
+                    for (a, b) in uncovered((expect, s - 1), cover) {
+                        problems.push(format!(
+                            "{source} on {host}: record(s) {a}..={b} are missing (deleted, or \
+                             never written)"
+                        ));
+                    }
                 }
                 expect = s + 1;
+            }
+            for (a, b) in cover {
+                say!(
+                    "bt2immu: {source} on {host}: record(s) {a}..={b} were lost to a damaged \
+                     spool before they reached immudb (the agent's spool_corrupted record says \
+                     so)"
+                );
             }
         }
     }
@@ -1429,6 +1697,17 @@ pub async fn query(args: QueryArgs) -> Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_part_of_a_gap_no_loss_record_explains_is_reported() {
+        assert_eq!(uncovered((3, 9), &[]), vec![(3, 9)]);
+        assert_eq!(uncovered((3, 9), &[(3, 9)]), vec![]);
+        assert_eq!(uncovered((3, 9), &[(5, 6)]), vec![(3, 4), (7, 9)]);
+        assert_eq!(uncovered((3, 9), &[(1, 4), (8, 20)]), vec![(5, 7)]);
+        assert_eq!(uncovered((3, 9), &[(10, 12)]), vec![(3, 9)]);
+        let v = json!({"lost_seqs": [[3, 3], [7, 5], "x", [8, 9]]});
+        assert_eq!(lost_ranges(&v), vec![(3, 3), (8, 9)]);
+    }
 
     #[test]
     fn padding_is_condensed_so_the_command_stays_on_screen() {

@@ -194,6 +194,16 @@ impl Pipeline {
         self.commit(vec![r])
     }
 
+    /// A loss whose size nobody can know: `count` is null.
+    pub fn note_loss_uncounted(
+        &mut self,
+        cause: &str,
+        detail: Map<String, Value>,
+    ) -> Result<(), SpoolError> {
+        let r = self.shaper.loss_uncounted(cause, detail);
+        self.commit(vec![r])
+    }
+
     fn end_of_stream(&mut self, out: &mut Vec<Record>) {
         for ev in self.decoder.finish() {
             self.handle_event(ev, out);

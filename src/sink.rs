@@ -57,7 +57,10 @@ pub enum SinkError {
     Tampering(#[source] ClientError),
     #[error(
         "key {key} already holds a different value in immudb: the trail was altered or another \
-         agent wrote under this agent's keys"
+         agent wrote under this agent's keys. The agent's own record stays in its spool \
+         (<state-dir>/spool/<source>) and every start stops here: compare the two (`bt2immu \
+         query --prefix '{key}'` shows the stored one), keep the spool as evidence, and move \
+         it aside to resume recording (its unsent records go with it)"
     )]
     Conflict { key: String },
     #[error("immudb refuses record {key} and its loss notice: {error}")]

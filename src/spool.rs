@@ -15,7 +15,12 @@
 //!
 //! A frame whose length or checksum does not match at the end of the newest segment is a torn
 //! write from a crash: it is cut off and counted (`Recovery::torn_bytes`), never silently used.
-//! The same damage anywhere else is corruption and stops the agent with an error.
+//! The same damage anywhere else is corruption: `open` refuses it, and the agent moves the
+//! damaged spool aside and carries on with what [`salvage`] can still read from it (every frame
+//! with a good checksum), so a flipped bit costs the records it hit, not the recording.
+//!
+//! Sequence numbers are strictly increasing but may have gaps: records lost to damage keep
+//! their numbers unused, so the trail shows where they were.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
@@ -94,6 +99,8 @@ pub struct Spool {
     current: Segment,
     next_seq: u64,
     acked: u64,
+    /// Unused sequence numbers above `acked` (inclusive ranges): what `pending` must not count.
+    gaps: Vec<(u64, u64)>,
     segments: Vec<u64>,
     committed: tokio::sync::watch::Sender<Position>,
 }
@@ -206,7 +213,12 @@ fn is_torn_tail(path: &Path, offset: u64, total: u64, declared_end: Option<u64>)
 
 /// Is there a whole frame with a good checksum anywhere after the first byte of `rest`?
 fn valid_frame_after(rest: &[u8]) -> bool {
-    (1..rest.len().saturating_sub(FRAME_HEADER)).any(|p| {
+    next_valid_frame(rest).is_some()
+}
+
+/// Where the first whole frame with a good checksum after the first byte of `rest` starts.
+fn next_valid_frame(rest: &[u8]) -> Option<usize> {
+    (1..rest.len().saturating_sub(FRAME_HEADER)).find(|&p| {
         let len = u32::from_be_bytes(rest[p..p + 4].try_into().unwrap()) as usize;
         let end = p + FRAME_HEADER + len;
         if !(10..=MAX_FRAME as usize).contains(&len) || end > rest.len() {
@@ -242,13 +254,33 @@ fn fsync_dir(dir: &Path) -> Result<()> {
         .map_err(io_err(dir))
 }
 
-fn read_ack(dir: &Path) -> Result<u64> {
-    let path = dir.join("ack");
+/// Replaces `dir/name` with `content` so that a crash leaves the old or the new file, whole.
+fn write_atomic(dir: &Path, name: &str, content: &[u8]) -> Result<()> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp"));
+    {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io_err(&tmp))?;
+        f.write_all(content).map_err(io_err(&tmp))?;
+        f.sync_all().map_err(io_err(&tmp))?;
+    }
+    fs::rename(&tmp, &path).map_err(io_err(&path))?;
+    fsync_dir(dir)
+}
+
+/// A number kept in a file of the spool (`ack`, `floor`); 0 when the file does not exist.
+fn read_number(dir: &Path, name: &str) -> Result<u64> {
+    let path = dir.join(name);
     match fs::read_to_string(&path) {
         Ok(s) => s.trim().parse::<u64>().map_err(|e| SpoolError::Corrupted {
             path: path.clone(),
             offset: 0,
-            reason: format!("ack file is not a number: {e}"),
+            reason: format!("{name} file is not a number: {e}"),
         }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
         Err(e) => Err(io_err(&path)(e)),
@@ -262,13 +294,15 @@ impl Spool {
         let dir = dir.as_ref().to_path_buf();
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(io_err(&dir))?;
-        let acked = read_ack(&dir)?;
+        let acked = read_number(&dir, "ack")?;
+        let floor = read_number(&dir, "floor")?;
         let segments = list_segments(&dir)?;
         let mut recovery = Recovery {
             acked,
             ..Default::default()
         };
         let mut last_seq = acked;
+        let mut gaps = Vec::new();
         let mut last_pos = (0u64, 0u64);
         for (i, &first) in segments.iter().enumerate() {
             let path = segment_path(&dir, first);
@@ -287,6 +321,9 @@ impl Spool {
                         }
                         if e.seq > acked {
                             recovery.pending += 1;
+                            if e.seq > last_seq + 1 {
+                                gaps.push((last_seq + 1, e.seq - 1));
+                            }
                         }
                         last_seq = last_seq.max(e.seq);
                         offset = next;
@@ -316,7 +353,10 @@ impl Spool {
             }
             last_pos = (first, offset);
         }
-        let next_seq = last_seq + 1;
+        if floor > last_seq {
+            gaps.push((last_seq + 1, floor));
+        }
+        let next_seq = last_seq.max(floor) + 1;
         recovery.next_seq = next_seq;
         let current = match segments.last() {
             Some(&first) => Segment::open_append(&dir, first)?,
@@ -338,6 +378,7 @@ impl Spool {
                 current,
                 next_seq,
                 acked,
+                gaps,
                 segments,
                 committed,
             },
@@ -360,26 +401,66 @@ impl Spool {
 
     /// Entries appended but not yet acknowledged.
     pub fn pending(&self) -> u64 {
-        self.next_seq - 1 - self.acked
+        let last = self.next_seq - 1;
+        let unused: u64 = self
+            .gaps
+            .iter()
+            .map(|&(a, b)| {
+                let (a, b) = (a.max(self.acked + 1), b.min(last));
+                if b >= a {
+                    b - a + 1
+                } else {
+                    0
+                }
+            })
+            .sum();
+        last - self.acked - unused
     }
 
     /// Appends entries (sequence numbers must continue `next_seq`) and fsyncs once for all
     /// of them: when this returns, they survive a crash.
     pub fn append(&mut self, entries: &[Entry]) -> Result<()> {
+        self.append_frames(entries, false)
+    }
+
+    /// Appends entries read back from a damaged spool: their numbers only have to increase, so
+    /// the records lost between them keep their numbers unused.
+    pub fn restore(&mut self, entries: &[Entry]) -> Result<()> {
+        self.append_frames(entries, true)
+    }
+
+    /// Makes `next` the lowest number a new entry may carry, so numbers used before (by a
+    /// spool that was lost or moved aside, or by an earlier install on this host) are never
+    /// used again. Durable when it returns (the `floor` file), with or without a frame after.
+    pub fn skip_to(&mut self, next: u64) -> Result<()> {
+        if next <= self.next_seq {
+            return Ok(());
+        }
+        write_atomic(&self.dir, "floor", format!("{}\n", next - 1).as_bytes())?;
+        self.gaps.push((self.next_seq, next - 1));
+        self.next_seq = next;
+        Ok(())
+    }
+
+    fn append_frames(&mut self, entries: &[Entry], gaps_allowed: bool) -> Result<()> {
         if entries.is_empty() {
             return Ok(());
         }
         let mut buf = Vec::new();
         let mut expect = self.next_seq;
+        let mut gaps = Vec::new();
         for e in entries {
-            if e.seq != expect {
+            if e.seq != expect && !(gaps_allowed && e.seq > expect) {
                 return Err(SpoolError::OutOfOrder {
                     got: e.seq,
                     last: expect - 1,
                 });
             }
+            if e.seq > expect {
+                gaps.push((expect, e.seq - 1));
+            }
             encode_frame(e, &mut buf)?;
-            expect += 1;
+            expect = e.seq + 1;
         }
         if self.current.len > 0 && self.current.len + buf.len() as u64 > SEGMENT_BYTES {
             let seg = Segment::create(&self.dir, self.next_seq)?;
@@ -391,6 +472,7 @@ impl Spool {
         self.current.file.sync_data().map_err(io_err(&path))?;
         self.current.len += buf.len() as u64;
         self.next_seq = expect;
+        self.gaps.extend(gaps);
         self.committed.send_replace(Position {
             segment: self.current.first_seq,
             offset: self.current.len,
@@ -405,22 +487,9 @@ impl Spool {
         if seq <= self.acked {
             return Ok(());
         }
-        let path = self.dir.join("ack");
-        let tmp = self.dir.join("ack.tmp");
-        {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(io_err(&tmp))?;
-            writeln!(f, "{seq}").map_err(io_err(&tmp))?;
-            f.sync_all().map_err(io_err(&tmp))?;
-        }
-        fs::rename(&tmp, &path).map_err(io_err(&path))?;
-        fsync_dir(&self.dir)?;
+        write_atomic(&self.dir, "ack", format!("{seq}\n").as_bytes())?;
         self.acked = seq;
+        self.gaps.retain(|&(_, end)| end > seq);
         // A segment can go once the next segment starts at or below acked + 1.
         while self.segments.len() > 1 && self.segments[1] <= seq + 1 {
             let old = self.segments.remove(0);
@@ -475,6 +544,83 @@ impl Segment {
     }
 }
 
+/// What [`salvage`] read back from a damaged spool.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Salvage {
+    /// The acknowledgement point, when the `ack` file was still readable.
+    pub acked: Option<u64>,
+    /// Unacknowledged entries with a good checksum that were handed on.
+    pub recovered: u64,
+    /// The highest sequence number seen anywhere (ack, floor or any readable frame): numbers
+    /// up to it may be in immudb already and must not be used again.
+    pub highest_seq: u64,
+    /// Bytes that were not part of a readable frame.
+    pub unreadable_bytes: u64,
+    /// Readable frames left out because their number did not increase.
+    pub out_of_order: u64,
+    /// Numbers above the acknowledgement (above 0 when it is unreadable) up to `highest_seq`
+    /// that no readable frame carries, as inclusive ranges: the records the damage cost.
+    pub lost: Vec<(u64, u64)>,
+}
+
+/// Reads every frame with a good checksum from the spool in `dir` (which `Spool::open`
+/// refused), in order, resynchronising after damage at the next valid frame, and hands the
+/// unacknowledged ones to `each` in increasing sequence order. Never modifies `dir`.
+pub fn salvage(
+    dir: impl AsRef<Path>,
+    mut each: impl FnMut(Entry) -> Result<()>,
+) -> Result<Salvage> {
+    let dir = dir.as_ref();
+    let mut out = Salvage {
+        acked: read_number(dir, "ack").ok(),
+        ..Default::default()
+    };
+    let acked = out.acked.unwrap_or(0);
+    // Numbers at or below the floor were skipped on purpose, not lost.
+    let floor = read_number(dir, "floor").unwrap_or(0);
+    out.highest_seq = acked.max(floor);
+    let mut last = acked;
+    let mut expect = acked.max(floor) + 1;
+    for first in list_segments(dir)? {
+        let path = segment_path(dir, first);
+        let bytes = fs::read(&path).map_err(io_err(&path))?;
+        let mut pos = 0usize;
+        while pos < bytes.len() {
+            match read_frame(&mut &bytes[pos..], pos as u64).map_err(io_err(&path))? {
+                Frame::Entry(e, next) => {
+                    pos = next as usize;
+                    out.highest_seq = out.highest_seq.max(e.seq);
+                    if e.seq <= acked {
+                        continue;
+                    }
+                    if e.seq <= last {
+                        out.out_of_order += 1;
+                        continue;
+                    }
+                    last = e.seq;
+                    out.recovered += 1;
+                    if e.seq > expect {
+                        out.lost.push((expect, e.seq - 1));
+                    }
+                    expect = e.seq + 1;
+                    each(e)?;
+                }
+                Frame::End => break,
+                Frame::Bad(..) => {
+                    let next = next_valid_frame(&bytes[pos..]).map(|p| pos + p);
+                    let to = next.unwrap_or(bytes.len());
+                    out.unreadable_bytes += (to - pos) as u64;
+                    pos = to;
+                }
+            }
+        }
+    }
+    if out.highest_seq >= expect {
+        out.lost.push((expect, out.highest_seq));
+    }
+    Ok(out)
+}
+
 /// Reads entries in order, never past what the writer has committed.
 pub struct SpoolReader {
     dir: PathBuf,
@@ -513,13 +659,6 @@ impl SpoolReader {
                     }
                     if e.seq <= self.after_seq {
                         continue; // already acknowledged before this run
-                    }
-                    if e.seq != self.after_seq + 1 {
-                        return Err(SpoolError::Corrupted {
-                            path,
-                            offset: pos,
-                            reason: format!("expected seq {} found {}", self.after_seq + 1, e.seq),
-                        });
                     }
                     self.after_seq = e.seq;
                     bytes += e.key.len() + e.value.len();
@@ -700,5 +839,121 @@ mod tests {
         let (spool, rec) = Spool::open(dir.path()).unwrap();
         assert_eq!(rec.pending, 0);
         assert_eq!(spool.next_seq(), 71);
+    }
+
+    #[test]
+    fn salvage_keeps_every_good_frame_around_damage_and_the_numbers_stay_unused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut spool, _) = Spool::open(dir.path()).unwrap();
+        for seq in 1..=6 {
+            spool.append(&[entry(seq)]).unwrap();
+        }
+        spool.ack(1).unwrap();
+        drop(spool);
+        let seg = segment_path(dir.path(), 1);
+        let mut bytes = fs::read(&seg).unwrap();
+        let mut frame = Vec::new();
+        encode_frame(&entry(1), &mut frame).unwrap();
+        // Damage the payload of the third frame (seq 3): frames 4..6 follow it intact.
+        let third = 2 * frame.len();
+        bytes[third + FRAME_HEADER + 12] ^= 0x40;
+        fs::write(&seg, &bytes).unwrap();
+        assert!(matches!(
+            Spool::open(dir.path()),
+            Err(SpoolError::Corrupted { .. })
+        ));
+
+        let mut got = Vec::new();
+        let s = salvage(dir.path(), |e| {
+            got.push(e);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(got, vec![entry(2), entry(4), entry(5), entry(6)]);
+        assert_eq!(s.acked, Some(1));
+        assert_eq!(s.recovered, 4);
+        assert_eq!(s.highest_seq, 6);
+        assert_eq!(s.unreadable_bytes, frame.len() as u64);
+        assert_eq!(s.lost, vec![(3, 3)]);
+        assert_eq!(
+            fs::read(&seg).unwrap(),
+            bytes,
+            "salvage must not modify the spool"
+        );
+
+        // A fresh spool takes the salvaged entries with their numbers, the gap stays unused,
+        // and new entries continue after the highest number seen.
+        let fresh = tempfile::tempdir().unwrap();
+        let (mut spool, _) = Spool::open(fresh.path()).unwrap();
+        spool.skip_to(2).unwrap();
+        spool.restore(&got).unwrap();
+        spool.skip_to(s.highest_seq + 1).unwrap();
+        assert_eq!(spool.pending(), 4);
+        spool.append(&[entry(7)]).unwrap();
+        assert_eq!(spool.pending(), 5);
+        let mut r = spool.reader();
+        let read: Vec<u64> = r
+            .read_batch(100, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(read, vec![2, 4, 5, 6, 7]);
+        spool.ack(5).unwrap();
+        assert_eq!(spool.pending(), 2);
+        drop(r);
+        drop(spool);
+        let (spool, rec) = Spool::open(fresh.path()).unwrap();
+        assert_eq!(rec.pending, 2);
+        assert_eq!(spool.pending(), 2);
+        assert_eq!(spool.next_seq(), 8);
+    }
+
+    #[test]
+    fn skipped_numbers_are_never_used_again_even_without_a_frame() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut spool, _) = Spool::open(dir.path()).unwrap();
+        spool.skip_to(501).unwrap();
+        assert_eq!(spool.next_seq(), 501);
+        assert_eq!(spool.pending(), 0);
+        drop(spool);
+        let (mut spool, rec) = Spool::open(dir.path()).unwrap();
+        assert_eq!(rec.next_seq, 501);
+        assert_eq!(spool.pending(), 0);
+        assert!(matches!(
+            spool.append(&[entry(1)]),
+            Err(SpoolError::OutOfOrder { .. })
+        ));
+        spool.append(&[entry(501)]).unwrap();
+        assert_eq!(spool.pending(), 1);
+        let got = spool.reader().read_batch(10, usize::MAX).unwrap();
+        assert_eq!(got, vec![entry(501)]);
+        // Lower than what is there: nothing changes.
+        spool.skip_to(10).unwrap();
+        assert_eq!(spool.next_seq(), 502);
+    }
+
+    #[test]
+    fn salvage_of_an_unreadable_ack_resends_everything_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut spool, _) = Spool::open(dir.path()).unwrap();
+        spool.append(&[entry(1), entry(2), entry(3)]).unwrap();
+        spool.ack(2).unwrap();
+        drop(spool);
+        fs::write(dir.path().join("ack"), b"\x00garbage").unwrap();
+        assert!(matches!(
+            Spool::open(dir.path()),
+            Err(SpoolError::Corrupted { .. })
+        ));
+        let mut got = Vec::new();
+        let s = salvage(dir.path(), |e| {
+            got.push(e.seq);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(s.acked, None);
+        assert_eq!(got, vec![1, 2, 3]);
+        assert!(s.lost.is_empty());
+        assert_eq!(s.highest_seq, 3);
     }
 }

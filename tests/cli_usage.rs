@@ -49,3 +49,25 @@ fn an_unreadable_password_file_is_a_usage_error() {
         "{err}"
     );
 }
+
+#[test]
+fn a_bad_port_in_the_config_file_names_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("config.toml");
+    for bad in [
+        "immudb-port = 70000",
+        "immudb-port = \"x\"",
+        "immudb-port = 0",
+    ] {
+        std::fs::write(&conf, bad).unwrap();
+        let (code, err) = bt2immu(&["query", "--config", conf.to_str().unwrap()]);
+        assert_eq!(code, Some(2), "{bad}: {err}");
+        assert!(
+            err.contains(&format!(
+                "{}: immudb-port must be a port number",
+                conf.display()
+            )),
+            "{bad}: {err}"
+        );
+    }
+}

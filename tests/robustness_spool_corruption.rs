@@ -1,18 +1,21 @@
-//! Robustness: damage to fsynced spool frames in the *newest* segment.
+//! Robustness: damage to fsynced spool frames, and a state dir that is new to the trail.
 //!
-//! The spool's contract (src/spool.rs): "A frame whose length or checksum does not match at the
-//! end of the newest segment is a torn write from a crash ... The same damage anywhere else is
-//! corruption and stops the agent with an error." But a damaged length field in the middle of
-//! the newest segment that points past the end of the file is taken for a torn tail: every
-//! later, fsynced frame is cut off, and the agent records one `spool_torn_tail` loss of
-//! "count 1" while 8 records are gone.
-//!
-//! Reproduction by hand: `bt2immu ingest` 10 lines with immudb unreachable (they stay in the
-//! spool), raise the u32 length of the 3rd frame of `spool/<source>/seg-…1.log` so it ends at
-//! or past the end of the file, start `ingest` again with immudb up: records 1–2 arrive plus a
-//! loss record `{"cause":"spool_torn_tail","count":1}`; records 3–10 are gone.
+//! A damaged length field in the middle of the newest segment that points past the end of the
+//! file used to be taken for a torn tail: every later, fsynced frame was cut off and the agent
+//! recorded one `spool_torn_tail` loss of "count 1" while 8 records were gone. Damage that is
+//! not a torn tail used to stop the agent for good; now the spool is moved aside and what
+//! still reads back is sent. A wiped state dir used to number records from 1 again, which the
+//! query then reported as repeated (forged) records.
+
+mod common;
+
+use std::io::Write as _;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use bt2immu::spool::{Entry, Spool, SpoolError};
+use common::{bt2immu, server, ADMIN_PASSWORD};
 
 fn entry(seq: u64) -> Entry {
     Entry {
@@ -67,4 +70,214 @@ fn damaged_length_mid_segment_is_corruption_not_a_torn_tail() {
         }
         Err(e) => panic!("unexpected error: {e}"),
     }
+}
+
+/// The payload offsets of the frames in the segment whose value contains `needle`.
+fn frame_with(bytes: &[u8], needle: &[u8]) -> Option<usize> {
+    frames(bytes).into_iter().find_map(|(off, len)| {
+        let payload = &bytes[off + 8..off + 8 + len as usize];
+        payload
+            .windows(needle.len())
+            .any(|w| w == needle)
+            .then_some(off + 8)
+    })
+}
+
+/// Spools `lines` with `ingest` while immudb is unreachable, then kills the agent (-9) so
+/// they stay unacknowledged in the spool under `state`.
+fn spool_unsent(state: &Path, source: &str, lines: &[String]) {
+    let dead_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let pw = state.with_extension("pw");
+    std::fs::write(&pw, format!("{ADMIN_PASSWORD}\n")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bt2immu"))
+        .args(["ingest", "--source", source, "-"])
+        .args(["--immudb-address", "127.0.0.1", "--immudb-port"])
+        .arg(dead_port.to_string())
+        .arg("--password-file")
+        .arg(&pw)
+        .arg("--state-dir")
+        .arg(state)
+        .env_remove("BT2IMMU_CONFIG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    for l in lines {
+        stdin.write_all(l.as_bytes()).unwrap();
+        stdin.write_all(b"\n").unwrap();
+    }
+    stdin.flush().unwrap();
+    let seg = state
+        .join("spool")
+        .join(source)
+        .join(format!("seg-{:020}.log", 1));
+    let last = lines.last().unwrap().as_bytes();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::read(&seg)
+        .ok()
+        .and_then(|b| frame_with(&b, last))
+        .is_none()
+    {
+        assert!(Instant::now() < deadline, "lines never reached the spool");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drop(stdin);
+}
+
+fn trail(port: u16, state: &Path, prefix: &str) -> (std::process::Output, Vec<serde_json::Value>) {
+    let q = bt2immu(&["query", "--prefix", prefix], port, state);
+    let rows = String::from_utf8_lossy(&q.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["value"].clone())
+        .collect();
+    (q, rows)
+}
+
+/// A bit flipped in a spooled record costs that record, not the recording: the agent moves
+/// the damaged spool aside, sends every record that still reads back, writes a
+/// `spool_corrupted` loss record naming the lost numbers, and the query explains the gap
+/// instead of calling it tampering.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_damaged_spool_is_moved_aside_and_what_reads_back_still_reaches_immudb() {
+    let srv = server().await;
+    let work = tempfile::tempdir().unwrap();
+    let state = work.path().join("state");
+    let lines: Vec<String> = (1..=10)
+        .map(|i| format!("spooled command {i:02}"))
+        .collect();
+    spool_unsent(&state, "sc", &lines);
+
+    let seg = state.join("spool/sc").join(format!("seg-{:020}.log", 1));
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let hit = frame_with(&bytes, b"spooled command 03").unwrap();
+    bytes[hit + 20] ^= 0x20;
+    std::fs::write(&seg, &bytes).unwrap();
+
+    let empty = work.path().join("empty.txt");
+    std::fs::write(&empty, b"").unwrap();
+    let out = bt2immu(
+        &["ingest", "--source", "sc", empty.to_str().unwrap()],
+        srv.port(),
+        &state,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("is damaged"), "{stderr}");
+    let moved: Vec<_> = std::fs::read_dir(state.join("spool"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("sc.damaged-"))
+        .collect();
+    assert_eq!(moved.len(), 1, "the damaged spool is kept aside");
+    assert_eq!(
+        std::fs::read(
+            state
+                .join("spool")
+                .join(&moved[0])
+                .join(format!("seg-{:020}.log", 1))
+        )
+        .unwrap(),
+        bytes,
+        "kept as it was found"
+    );
+
+    let (q, rows) = trail(srv.port(), &state, "sc:");
+    let qerr = String::from_utf8_lossy(&q.stderr);
+    assert_eq!(q.status.code(), Some(0), "{qerr}");
+    assert!(qerr.contains("lost to a damaged spool"), "{qerr}");
+    let got: Vec<&str> = rows.iter().filter_map(|v| v["line"].as_str()).collect();
+    let want: Vec<&str> = lines
+        .iter()
+        .map(String::as_str)
+        .filter(|l| !l.ends_with("03"))
+        .collect();
+    assert_eq!(got, want, "every record that read back, once, in order");
+    let lost_seq = rows
+        .iter()
+        .find(|v| v["line"] == "spooled command 02")
+        .unwrap()["seq"]
+        .as_u64()
+        .unwrap()
+        + 1;
+    let loss: Vec<_> = rows
+        .iter()
+        .filter(|v| v["cause"] == "spool_corrupted")
+        .collect();
+    assert_eq!(loss.len(), 1, "{rows:?}");
+    assert_eq!(loss[0]["count"], 1);
+    assert_eq!(
+        loss[0]["lost_seqs"],
+        serde_json::json!([[lost_seq, lost_seq]])
+    );
+    let max_seq = rows.iter().filter_map(|v| v["seq"].as_u64()).max().unwrap();
+    assert_eq!(
+        loss[0]["seq"].as_u64(),
+        Some(max_seq),
+        "numbers are not reused"
+    );
+}
+
+/// A new state dir (reinstall, wiped /var/lib) must not number records from 1 again under a
+/// prefix that already has them: the query would report repeated records as tampering.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_state_dir_continues_the_numbering_found_in_immudb() {
+    let srv = server().await;
+    let work = tempfile::tempdir().unwrap();
+    let input = work.path().join("in.txt");
+    std::fs::write(&input, b"first install one\nfirst install two\n").unwrap();
+    let first = work.path().join("state1");
+    let out = bt2immu(
+        &["ingest", "--source", "ns", input.to_str().unwrap()],
+        srv.port(),
+        &first,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, before) = trail(srv.port(), &first, "ns:");
+    let highest = before
+        .iter()
+        .filter_map(|v| v["seq"].as_u64())
+        .max()
+        .unwrap();
+
+    std::fs::write(&input, b"second install one\n").unwrap();
+    let second = work.path().join("state2");
+    let out = bt2immu(
+        &["ingest", "--source", "ns", input.to_str().unwrap()],
+        srv.port(),
+        &second,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("continue after {highest}")),
+        "{stderr}"
+    );
+
+    let (q, rows) = trail(srv.port(), &second, "ns:");
+    let qerr = String::from_utf8_lossy(&q.stderr);
+    assert_eq!(q.status.code(), Some(0), "{qerr}");
+    let mut seqs: Vec<u64> = rows.iter().filter_map(|v| v["seq"].as_u64()).collect();
+    let n = seqs.len();
+    seqs.sort_unstable();
+    seqs.dedup();
+    assert_eq!(seqs.len(), n, "no number used twice: {seqs:?}");
+    let new = rows
+        .iter()
+        .find(|v| v["line"] == "second install one")
+        .unwrap();
+    assert!(new["seq"].as_u64().unwrap() > highest);
 }
