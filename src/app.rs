@@ -59,6 +59,12 @@ fn exit(code: i32, message: impl Into<String>) -> anyhow::Error {
     .into()
 }
 
+/// An error and its causes on one line, each message once: many errors show their source in
+/// their own message too, and `{:#}` would print it twice.
+pub fn describe(err: &anyhow::Error) -> String {
+    crate::error_text::one_line(err.as_ref())
+}
+
 /// Maps any error to the documented exit code.
 pub fn exit_code(err: &anyhow::Error) -> i32 {
     if let Some(e) = err.downcast_ref::<Exit>() {
@@ -481,7 +487,7 @@ fn spawn_sink(config: ClientConfig, spool: Arc<Mutex<Spool>>) -> SinkTask {
                     )))
                 }
                 Err(e) => {
-                    let msg = format!("{e:#}");
+                    let msg = crate::error_text::one_line(&e);
                     tracing::warn!(error = %msg, "cannot reach immudb; records stay in the spool, retrying");
                     progress.send_modify(|p| p.failing = Some(msg));
                     if *abandon.borrow() {
@@ -573,7 +579,9 @@ fn checked_script(
 ) -> Result<(String, script::ScriptInfo)> {
     let info = match (path, program) {
         (Some(p), _) => script::check_script(p).map_err(|e| match e {
-            script::ScriptError::Read { .. } => exit(cli::EXIT_USAGE, format!("{e}")),
+            script::ScriptError::Read { .. } => {
+                exit(cli::EXIT_USAGE, format!("{e}{}", subcommand_hint(p)))
+            }
             other => exit(cli::EXIT_REFUSED, format!("{other}")),
         })?,
         (None, Some(prog)) => {
@@ -588,6 +596,17 @@ fn checked_script(
         )
     })?;
     Ok((source, info))
+}
+
+/// `bt2immu NAME` is read as `bt2immu run NAME`: a missing "script" that is a bare word may
+/// have been meant as a subcommand (a near miss of one is left to clap, see
+/// `cli::normalize_args`).
+fn subcommand_hint(path: &Path) -> String {
+    let name = path.to_string_lossy();
+    if path.exists() || name.contains('/') || name.contains('.') {
+        return String::new();
+    }
+    " (not a subcommand either: run, ingest, check, query)".into()
 }
 
 fn source_default(path: Option<&Path>, readline_protocol: bool) -> String {
@@ -650,10 +669,15 @@ fn readline_setup(
 }
 
 pub async fn run(args: RunArgs) -> Result<i32> {
-    if unsafe { libc::geteuid() } != 0 {
-        say!("bt2immu: warning: not running as root; bpftrace needs root (sudo) to attach probes");
-    }
     let (source_text, info) = checked_script(args.script.as_deref(), args.program.as_deref())?;
+    if unsafe { libc::geteuid() } != 0 {
+        // bpftrace refuses anyone but root; saying so here beats five failed restarts.
+        return Err(exit(
+            cli::EXIT_ERROR,
+            "`run` needs root: bpftrace attaches its probes only as root (try `sudo bt2immu …`); \
+             `check`, `ingest` and `query` work without it",
+        ));
+    }
     let bpftrace = checked_bpftrace(&args.bpftrace)?;
     let is_readline = readline::is_readline_script(&source_text);
     let source = record::source_name(
@@ -827,7 +851,7 @@ pub async fn run(args: RunArgs) -> Result<i32> {
                     Ok(Err(e)) => e,
                     Err(e) => anyhow::anyhow!("sink task failed: {e}"),
                 };
-                say!("bt2immu: {err:#}");
+                say!("bt2immu: {}", describe(&err));
                 sink_failed = Some(err);
                 stopping = true;
                 let _ = stop_tx.send(true);
@@ -883,7 +907,13 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     match ended {
         Ended::GaveUp { last_code } => Err(exit(
             cli::EXIT_ERROR,
-            format!("bpftrace kept failing (last exit code {last_code:?}); see the messages above"),
+            format!(
+                "bpftrace kept failing ({}); see its messages above",
+                match last_code {
+                    Some(c) => format!("last exit code {c}"),
+                    None => "last killed by a signal".into(),
+                }
+            ),
         )),
         Ended::Stopped => Ok(cli::EXIT_OK),
     }
@@ -960,15 +990,24 @@ pub async fn ingest(args: IngestArgs) -> Result<i32> {
             )
         })?)
     };
+    // From the start: a stop while waiting for the first line must still be a clean one.
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut stopped = false;
     let mut buf = vec![0u8; 256 * 1024];
-    // The first bytes decide the format (unless given).
+    // The first line (or 64 bytes) decides the format (unless given); a slow stream is not
+    // held back waiting for more.
     let mut first = Vec::new();
-    while first.len() < 64 {
-        let n = input.read(&mut buf).await.context("reading the input")?;
-        if n == 0 {
-            break;
+    let mut ended = false;
+    while first.len() < 64 && !first.contains(&b'\n') {
+        tokio::select! {
+            r = input.read(&mut buf) => match r.context("reading the input")? {
+                0 => { ended = true; break }
+                n => first.extend_from_slice(&buf[..n]),
+            },
+            _ = sigint.recv() => { say!("bt2immu: stopping (SIGINT): flushing what was read"); stopped = true; break }
+            _ = sigterm.recv() => { say!("bt2immu: stopping (SIGTERM): flushing what was read"); stopped = true; break }
         }
-        first.extend_from_slice(&buf[..n]);
     }
     let format = match args.format {
         OutputFormat::Json => Format::Json,
@@ -1033,18 +1072,19 @@ pub async fn ingest(args: IngestArgs) -> Result<i32> {
     }
     let sink = spawn_sink(target.config.clone(), spool.clone());
     pipeline.feed(&first)?;
-    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            r = input.read(&mut buf) => match r.context("reading the input")? {
-                0 => break,
-                n => pipeline.feed(&buf[..n])?,
-            },
-            _ = tick.tick() => pipeline.tick()?,
-            _ = sigint.recv() => { say!("bt2immu: stopping (SIGINT): flushing what was read"); break }
-            _ = sigterm.recv() => { say!("bt2immu: stopping (SIGTERM): flushing what was read"); break }
+    // Stopped or ended while sniffing the format: nothing more to read.
+    if !stopped && !ended {
+        loop {
+            tokio::select! {
+                r = input.read(&mut buf) => match r.context("reading the input")? {
+                    0 => break,
+                    n => pipeline.feed(&buf[..n])?,
+                },
+                _ = tick.tick() => pipeline.tick()?,
+                _ = sigint.recv() => { say!("bt2immu: stopping (SIGINT): flushing what was read"); break }
+                _ = sigterm.recv() => { say!("bt2immu: stopping (SIGTERM): flushing what was read"); break }
+            }
         }
     }
     pipeline.finish()?;
@@ -1601,8 +1641,17 @@ pub async fn query(args: QueryArgs) -> Result<i32> {
             }
         }
         cli::QueryFormat::Table => {
+            let width = |k: &str, min: usize| {
+                rows.iter()
+                    .filter_map(|(_, _, v, _)| v.get(k).and_then(|x| x.as_str()))
+                    .map(|x| x.chars().count())
+                    .max()
+                    .unwrap_or(0)
+                    .clamp(min, 32)
+            };
+            let (uw, tw) = (width("user", 8), width("tty", 6));
             emit!(
-                "{:<30} {:>7} {:>6} {:<8} {:<6} LINE",
+                "{:<30} {:>7} {:>6} {:<uw$} {:<tw$} LINE",
                 "TIME",
                 "PID",
                 "UID",
@@ -1617,11 +1666,35 @@ pub async fn query(args: QueryArgs) -> Result<i32> {
                 };
                 let exact = |name: &str| v.as_object().and_then(|m| record::get_bytes(m, name));
                 let mut line = exact("line")
-                    .map(|b| condensed(&printable_bytes(&b)))
+                    .map(|b| {
+                        // An empty line and trailing spaces are invisible on a terminal.
+                        let cut = v.get("truncated") == Some(&json!(true));
+                        let trailing = if cut {
+                            0 // the head's end is not the line's end
+                        } else {
+                            b.iter().rev().take_while(|&&c| c == b' ').count()
+                        };
+                        match (b.len(), trailing) {
+                            (0, _) => "(empty line)".to_string(),
+                            (_, 0) => condensed(&printable_bytes(&b)),
+                            (_, n) => format!(
+                                "{} [{n} trailing space{}]",
+                                condensed(&printable_bytes(&b)),
+                                if n == 1 { "" } else { "s" }
+                            ),
+                        }
+                    })
                     .unwrap_or_else(|| printable(&g("event")));
                 match v.get("kind").and_then(|k| k.as_str()) {
                     Some("loss") => {
-                        line = format!("LOSS {} (count {}) {line}", g("cause"), g("count"))
+                        let count = match v.get("count") {
+                            Some(serde_json::Value::Null) | None => "count unknown".to_string(),
+                            Some(_) => format!("count {}", g("count")),
+                        };
+                        line = format!("LOSS {} ({count}) {line}", g("cause"));
+                        if let Some(d) = v.get("detail").and_then(|d| d.as_str()) {
+                            line = format!("{line}: {}", printable(d));
+                        }
                     }
                     Some("raw") => line = format!("RAW ({}) {line}", g("reason")),
                     Some("readline") if v.get("incomplete") == Some(&json!(true)) => {
@@ -1647,7 +1720,7 @@ pub async fn query(args: QueryArgs) -> Result<i32> {
                     );
                 }
                 emit!(
-                    "{:<30} {:>7} {:>6} {:<8} {:<6} {}",
+                    "{:<30} {:>7} {:>6} {:<uw$} {:<tw$} {}",
                     g("ts"),
                     g("pid"),
                     g("uid"),
@@ -1699,8 +1772,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_bare_word_that_is_no_script_is_pointed_at_the_subcommands() {
+        assert!(subcommand_hint(Path::new("frobnicate")).contains("not a subcommand"));
+        assert_eq!(subcommand_hint(Path::new("scripts/x.bt")), "");
+        assert_eq!(cli::edit_distance("kitten", "sitting"), 3);
+    }
+
+    #[test]
     fn only_the_part_of_a_gap_no_loss_record_explains_is_reported() {
         assert_eq!(uncovered((3, 9), &[]), vec![(3, 9)]);
+        let io = std::io::Error::from_raw_os_error(13);
+        let e = anyhow::Error::new(crate::immudb::client::ClientError::Io {
+            context: "creating state dir /x".into(),
+            source: io,
+        })
+        .context("connecting to immudb");
+        assert_eq!(
+            describe(&e),
+            "connecting to immudb: creating state dir /x: Permission denied (os error 13)"
+        );
         assert_eq!(uncovered((3, 9), &[(3, 9)]), vec![]);
         assert_eq!(uncovered((3, 9), &[(5, 6)]), vec![(3, 4), (7, 9)]);
         assert_eq!(uncovered((3, 9), &[(1, 4), (8, 20)]), vec![(5, 7)]);

@@ -15,11 +15,48 @@ const EXIT_CODES: &str = "\
 Exit codes:
   0  success; also after SIGINT/SIGTERM once everything captured is written to immudb or,
      if immudb cannot be reached then, kept in the spool (sent at the next start; it says so)
-  1  error (immudb unreachable at start, bpftrace failing, I/O, ...)
+  1  error (bpftrace kept failing, not root, I/O, ...; `ingest`: records left in the spool)
   2  bad usage or unreadable input
   3  VERIFICATION FAILED: a proof did not check, the server rolled back or changed identity,
-     the trusted state was altered, or a signature did not match (possible tampering)
+     the trusted state was altered, a record was overwritten, deleted or forged, or a
+     signature did not match (possible tampering)
   4  the script was refused as unsafe (unsafe builtins, or writable by non-root users)";
+
+const RUN_HELP: &str = "\
+Examples:
+  sudo bt2immu scripts/bashreadline.bt                        every line typed into bash
+  sudo bt2immu run --stdout scripts/bashreadline.bt           ... also printed as JSON lines
+  sudo bt2immu run --immudb-address 10.0.0.5 --password-file /etc/bt2immu/password \\
+       scripts/bashreadline.bt                                to a remote immudb
+  sudo bt2immu run scripts/examples/execsnoop.bt              your own script: printf -> fields
+  sudo bt2immu run -e 'tracepoint:syscalls:sys_enter_execve { printf(\"%d %s\\n\", pid, comm); }'
+
+immudb is unreachable? Capture goes on into the spool (<state-dir>/spool) and is written when
+it is back. Nothing at 127.0.0.1:3322 and no --immudb-address: a local immudb is started under
+the state dir and stopped on exit.";
+
+const INGEST_HELP: &str = "\
+Examples:
+  bpftrace -f json x.bt | bt2immu ingest --script x.bt -     stream bpftrace's output in
+  bt2immu ingest --script scripts/bashreadline.bt capture.jsonl   a recorded bashreadline capture
+  bt2immu ingest --source opensnoop opensnoop.txt             text output, no script at hand";
+
+const CHECK_HELP: &str = "\
+Examples:
+  bt2immu check scripts/examples/execsnoop.bt                 safe? which fields?
+  bt2immu check --json my.bt                                  the same, as JSON
+  bt2immu check --render scripts/bashreadline.bt > probe.bt   the script as run would start it
+
+Exit codes: 0 safe to run, 2 unreadable script, 4 refused (with the reason).";
+
+const QUERY_HELP: &str = "\
+Examples:
+  bt2immu query --prefix bash: --format table                 who typed what, verified
+  bt2immu query --prefix bash:web1:20261204T09                one host, one hour (key prefix)
+  bt2immu query --prefix bash: | jq -r .value.line            JSON lines for scripts
+
+Keys are <source>:<host>:<UTC time>:<seq>. Every record is read with a verified get; the
+whole history is checked for overwritten, deleted and forged records and missing numbers.";
 
 const EXAMPLES: &str = "\
 Examples:
@@ -53,34 +90,37 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run a bpftrace script and record its output (the default command).
-    #[command(after_long_help = EXIT_CODES)]
+    /// Run a bpftrace script and record its output (the default command; needs root).
+    #[command(after_help = RUN_HELP, after_long_help = format!("{RUN_HELP}\n\n{EXIT_CODES}"))]
     Run(RunArgs),
     /// Decode recorded bpftrace output (text or -f json) and write it through the pipeline.
-    #[command(after_long_help = EXIT_CODES)]
+    #[command(after_help = INGEST_HELP, after_long_help = format!("{INGEST_HELP}\n\n{EXIT_CODES}"))]
     Ingest(IngestArgs),
     /// Say whether a script is safe to run and which fields its output will have.
-    #[command(after_long_help = EXIT_CODES)]
+    #[command(after_help = CHECK_HELP)]
     Check(CheckArgs),
     /// Read records back from immudb, each one verified.
-    #[command(after_long_help = EXIT_CODES)]
+    #[command(after_help = QUERY_HELP, after_long_help = format!("{QUERY_HELP}\n\n{EXIT_CODES}"))]
     Query(QueryArgs),
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct ConnArgs {
-    /// immudb server address. Without it (and with nothing listening on 127.0.0.1:3322),
-    /// `run` starts a local immudb of its own under the state dir.
+    /// immudb server address. Default: 127.0.0.1, and when nothing listens there `run` starts
+    /// a local immudb under the state dir (which `query` then starts again to read).
     #[arg(long, env = "IMMUCLIENT_IMMUDB_ADDRESS")]
     pub immudb_address: Option<String>,
+    /// immudb server port.
     #[arg(long, env = "IMMUCLIENT_IMMUDB_PORT", default_value_t = 3322)]
     pub immudb_port: u16,
+    /// immudb user.
     #[arg(long, env = "IMMUCLIENT_USERNAME", default_value = "immudb")]
     pub username: String,
     /// File holding the password (first line). Or set IMMUCLIENT_PASSWORD; there is no
     /// password flag, so the password never shows on a command line.
     #[arg(long, env = "IMMUCLIENT_PASSWORD_FILE")]
     pub password_file: Option<PathBuf>,
+    /// immudb database.
     #[arg(long, env = "IMMUCLIENT_DATABASE", default_value = "defaultdb")]
     pub database: String,
     /// Pin the server's state-signing public key (PEM): every state must carry a valid
@@ -158,12 +198,14 @@ pub struct IngestArgs {
     pub source: Option<String>,
     #[command(flatten)]
     pub conn: ConnArgs,
+    /// Also print every record as a JSON line on stdout.
     #[arg(long)]
     pub stdout: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
+    /// The bpftrace script to check.
     pub script: PathBuf,
     /// Print the result as JSON.
     #[arg(long)]
@@ -197,6 +239,8 @@ pub struct QueryArgs {
     /// for deleted records needs them all.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub limit: Option<u64>,
+    /// jsonl: one JSON object per record ({key, tx, verified, tampered, value}); table: for
+    /// people (time, pid, uid, user, tty, line).
     #[arg(long, value_enum, default_value_t = QueryFormat::Jsonl)]
     pub format: QueryFormat,
     /// Verify each record (verified_get); without it records are only listed.
@@ -221,13 +265,32 @@ pub fn normalize_args(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsStri
         .map(|i| i + 1);
     if let Some(i) = first {
         let s = args[i].to_string_lossy().into_owned();
-        if !SUBCOMMANDS.contains(&s.as_str()) && !TOP_LEVEL.contains(&s.as_str()) {
+        // A mistyped subcommand (`qurey`) that is no file is left to clap, which names the
+        // subcommand meant.
+        let mistyped = !std::path::Path::new(&s).exists()
+            && SUBCOMMANDS.iter().any(|c| edit_distance(&s, c) <= 2);
+        if !SUBCOMMANDS.contains(&s.as_str()) && !TOP_LEVEL.contains(&s.as_str()) && !mistyped {
             args.insert(i, "run".into());
         }
     } else if args.len() == 1 {
         // bare `bt2immu`: show help
     }
     args
+}
+
+/// Levenshtein distance, for telling a mistyped subcommand from a script name.
+pub fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }
 
 #[cfg(test)]

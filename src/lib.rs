@@ -6,6 +6,7 @@
 pub mod app;
 pub mod cli;
 pub mod decode;
+pub mod error_text;
 pub mod immudb;
 pub mod pipeline;
 pub mod readline;

@@ -24,11 +24,33 @@ fn init_logging(verbose: u8) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     // Colour codes only for a person at a terminal, not in a journal or a log file.
     use std::io::IsTerminal as _;
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| QuietStderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_target(verbose > 0);
+    if verbose > 0 {
+        fmt.init();
+    } else {
+        // Warnings stand next to the `bt2immu:` lines; a journal adds its own time.
+        fmt.without_time().init();
+    }
+}
+
+/// stderr for the log: when it is closed (`bt2immu -v … 2>&1 | tee log`, and Ctrl-C killed
+/// tee first) a log line is dropped, never a panic that would cut the agent's flush short.
+struct QuietStderr;
+
+impl std::io::Write for QuietStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
 }
 
 fn config_path_from_args(args: &[std::ffi::OsString]) -> Option<std::path::PathBuf> {
@@ -48,7 +70,7 @@ fn config_path_from_args(args: &[std::ffi::OsString]) -> Option<std::path::PathB
 fn main() {
     let args = cli::normalize_args(std::env::args_os().collect());
     if let Err(e) = app::apply_config_file(config_path_from_args(&args).as_deref()) {
-        say!("bt2immu: {e:#}");
+        say!("bt2immu: {}", app::describe(&e));
         std::process::exit(cli::EXIT_USAGE);
     }
     let cli = match Cli::try_parse_from(&args) {
@@ -81,13 +103,18 @@ fn main() {
         Err(e) => {
             let code = app::exit_code(&e);
             if code == cli::EXIT_VERIFICATION {
-                say!("bt2immu: *** VERIFICATION FAILED (possible tampering) ***\nbt2immu: {e:#}");
+                say!(
+                    "bt2immu: *** VERIFICATION FAILED (possible tampering) ***\nbt2immu: {}",
+                    app::describe(&e)
+                );
             } else {
-                say!("bt2immu: {e:#}");
+                say!("bt2immu: {}", app::describe(&e));
             }
             code
         }
     };
-    drop(runtime);
+    // Everything that matters was awaited; a blocking read of stdin (`ingest -`) that is
+    // still waiting must not keep the process from exiting.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     std::process::exit(code);
 }

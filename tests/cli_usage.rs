@@ -71,3 +71,34 @@ fn a_bad_port_in_the_config_file_names_the_file() {
         );
     }
 }
+
+#[test]
+fn a_mistyped_subcommand_is_not_just_a_missing_script() {
+    let (code, err) = bt2immu(&["qurey", "--prefix", "bash:"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("'query'"), "{err}");
+    let (code, err) = bt2immu(&["frobnicate"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("not a subcommand either"), "{err}");
+}
+
+/// `run` as a user other than root stops at once with the reason, instead of restarting a
+/// bpftrace that cannot attach (found by a fresh-user trial).
+#[test]
+fn run_without_root_says_it_needs_root() {
+    use std::os::unix::process::CommandExt as _;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/bashreadline.bt");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bt2immu"));
+    cmd.args(["run", script, "--state-dir"])
+        .arg(dir.path().join("state"))
+        .env_remove("BT2IMMU_CONFIG");
+    if unsafe { libc::geteuid() } == 0 {
+        cmd.uid(65534).gid(65534); // nobody
+    }
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("`run` needs root"), "{err}");
+    assert!(!err.contains("restart"), "{err}");
+}

@@ -295,6 +295,7 @@ async fn the_table_shows_every_typed_line_readably() {
         r": two\nlines\ttab\x01ctl",
         "[300 × ' ']: padded command",
         "EOF (Ctrl-D: no line)",
+        "(empty line)",
         // Cut lines: head, length, where the tail starts, tail; padding condensed in both.
         "[20000 × ' ']: rm -rf /tmp/x",
         "[16400 × ' '] [CUT: 100318 bytes; bytes 34600.. follow:] [65400 × ' ']: rm -rf /tmp/y; #[300 × 'z']",

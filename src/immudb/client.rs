@@ -164,12 +164,10 @@ pub enum ClientError {
     // The status is shown here rather than as a `source`, so error chains do not say it twice.
     #[error("{op}: {} (gRPC {:?})", status.message(), status.code())]
     Server { op: &'static str, status: Status },
-    #[error("connecting to {address}: {source}")]
-    Connect {
-        address: String,
-        #[source]
-        source: tonic::transport::Error,
-    },
+    /// The transport error's whole cause chain is in `detail`: tonic's own messages repeat
+    /// ("transport error: transport error: tcp connect error: ...") when chained as sources.
+    #[error("connecting to {address}: {detail}")]
+    Connect { address: String, detail: String },
     #[error("trusted state: {0}")]
     State(#[source] StateError),
     #[error("{context}: {source}")]
@@ -1275,20 +1273,15 @@ async fn connect_channel(config: &ClientConfig) -> Result<Channel, ClientError> 
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(pem))
             .domain_name(config.address.clone());
-        endpoint = endpoint
-            .tls_config(tls)
-            .map_err(|source| ClientError::Connect {
-                address: address_of(config),
-                source,
-            })?;
-    }
-    endpoint
-        .connect()
-        .await
-        .map_err(|source| ClientError::Connect {
+        endpoint = endpoint.tls_config(tls).map_err(|e| ClientError::Connect {
             address: address_of(config),
-            source,
-        })
+            detail: crate::error_text::one_line(&e),
+        })?;
+    }
+    endpoint.connect().await.map_err(|e| ClientError::Connect {
+        address: address_of(config),
+        detail: crate::error_text::one_line(&e),
+    })
 }
 
 async fn open_session(
