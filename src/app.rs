@@ -337,7 +337,7 @@ impl DamagedSpool {
         d.insert(
             "detail".into(),
             json!(
-                "the spool was damaged on disk; every record with a good checksum was \
+                "the spool was damaged on disk; every record that reads back in order was \
                    kept, the numbers of the others are left unused"
             ),
         );
@@ -403,10 +403,10 @@ fn quarantine_spool(
     ))
 }
 
-/// On a new state dir (or after a damaged spool lost its numbering), continues the record
-/// numbers this host's agent already used in immudb for `prefix`: reusing them would make the
-/// trail look tampered with (two records with one seq). Best effort: capture never waits long
-/// for immudb.
+/// Continues after the highest record number immudb holds for `prefix` when it is above the
+/// spool's (a new or second state dir, a damaged spool): reusing numbers would make the trail
+/// look tampered with (two records with one seq). Best effort: capture never waits long for
+/// immudb.
 async fn continue_numbering(config: &ClientConfig, prefix: &str, spool: &Mutex<Spool>) {
     let look = async {
         let client = ImmuClient::connect(config.clone()).await?;
@@ -420,6 +420,14 @@ async fn continue_numbering(config: &ClientConfig, prefix: &str, spool: &Mutex<S
                 continue;
             };
             if record::expected_key(&v).as_deref().map(str::as_bytes) != Some(&e.key[..]) {
+                continue;
+            }
+            if seq > crate::spool::MAX_SEQ {
+                say!(
+                    "bt2immu: WARNING: {} claims record number {seq}, beyond any the agent uses \
+                     (forged?); numbering ignores it",
+                    String::from_utf8_lossy(&e.key)
+                );
                 continue;
             }
             if best.as_ref().is_none_or(|(b, _)| seq > *b) {
@@ -438,8 +446,8 @@ async fn continue_numbering(config: &ClientConfig, prefix: &str, spool: &Mutex<S
             let mut spool = spool.lock().expect("spool lock");
             if highest >= spool.next_seq() {
                 say!(
-                    "bt2immu: this state dir is new to the trail: record numbers continue after \
-                     {highest}, the highest under {prefix} in immudb"
+                    "bt2immu: record numbers continue after {highest}, the highest under \
+                     {prefix} in immudb (written with another state dir, or this one is new)"
                 );
                 if let Err(e) = spool.skip_to(highest + 1) {
                     say!("bt2immu: WARNING: could not keep the record numbering: {e}");
@@ -742,9 +750,9 @@ pub async fn run(args: RunArgs) -> Result<i32> {
             .unwrap_or_else(|| "-e".into()),
         sha256: sha256_hex(source_text.as_bytes()),
     };
-    if recovery.next_seq == 1 || damaged.is_some() {
-        continue_numbering(&target.config, &format!("{source}:{}:", host.host), &spool).await;
-    }
+    // Every start: another state dir (a reinstall, a second copy) may have numbered records
+    // under this prefix since; reusing those numbers would look like forgery.
+    continue_numbering(&target.config, &format!("{source}:{}:", host.host), &spool).await;
     let next_seq = spool.lock().expect("spool lock").next_seq();
     let shaper = Shaper::new(host, &source, Some(script_ref), next_seq);
     let key_prefix = shaper.key_prefix();
@@ -753,9 +761,10 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         pipeline.add_own_pid(pid);
     }
     if recovery.torn_bytes > 0 {
+        // Normally one record cut by a crash mid-append, but the bytes cannot say how many.
         let mut d = Map::new();
         d.insert("bytes".into(), json!(recovery.torn_bytes));
-        pipeline.note_loss("spool_torn_tail", 1, d)?;
+        pipeline.note_loss_uncounted("spool_torn_tail", d)?;
     }
     if let Some(d) = &damaged {
         d.note(&mut pipeline)?;
@@ -1056,16 +1065,17 @@ pub async fn ingest(args: IngestArgs) -> Result<i32> {
         path: p.display().to_string(),
         sha256: sha256_hex(script_text.as_deref().unwrap_or("").as_bytes()),
     });
-    if recovery.next_seq == 1 || damaged.is_some() {
-        continue_numbering(&target.config, &format!("{source}:{}:", host.host), &spool).await;
-    }
+    // Every start: another state dir (a reinstall, a second copy) may have numbered records
+    // under this prefix since; reusing those numbers would look like forgery.
+    continue_numbering(&target.config, &format!("{source}:{}:", host.host), &spool).await;
     let next_seq = spool.lock().expect("spool lock").next_seq();
     let shaper = Shaper::new(host, &source, script_ref, next_seq).replayed();
     let mut pipeline = Pipeline::new(format, interp, shaper, spool.clone(), args.stdout);
     if recovery.torn_bytes > 0 {
+        // Normally one record cut by a crash mid-append, but the bytes cannot say how many.
         let mut d = Map::new();
         d.insert("bytes".into(), json!(recovery.torn_bytes));
-        pipeline.note_loss("spool_torn_tail", 1, d)?;
+        pipeline.note_loss_uncounted("spool_torn_tail", d)?;
     }
     if let Some(d) = &damaged {
         d.note(&mut pipeline)?;
@@ -1344,14 +1354,38 @@ async fn scan_adaptive(
     Ok(out)
 }
 
-/// Every key under `prefix` that was logically deleted, from the database's whole history
-/// (proven, transaction by transaction, to end in the trusted state). A scan leaves deleted
-/// keys out, and a deleted record replaced by a forged one under another key leaves no gap in
-/// the sequence numbers: the deletion itself is the evidence. bt2immu never deletes.
-async fn deleted_records(client: &ImmuClient, prefix: &[u8]) -> Result<Vec<String>> {
+/// What the database's whole history (proven, transaction by transaction, to end in the
+/// trusted state) says about the keys under a prefix: what a scan cannot show.
+#[derive(Default)]
+struct History {
+    /// Writes bt2immu never makes: a logical delete, an expiry, a non-indexable entry, a
+    /// second write to a key. A scan leaves deleted and expired keys out, and a removed record
+    /// replaced by a forged one under another key leaves no gap in the sequence numbers: the
+    /// change itself is the evidence.
+    problems: Vec<String>,
+    /// Keys written more than once, with the tx of the second write (the listing names those
+    /// it still shows itself).
+    rewritten: Vec<(String, u64)>,
+    /// Every sequence number ever written per (source, host), from the keys: a number that
+    /// reached immudb was not "lost before it got there".
+    written: std::collections::HashMap<(String, String), Vec<u64>>,
+}
+
+/// `source:host:time:seq` → (source, host, seq).
+fn key_parts(key: &[u8]) -> Option<(String, String, u64)> {
+    let key = std::str::from_utf8(key).ok()?;
+    let (rest, seq) = key.rsplit_once(':')?;
+    let (source, rest) = rest.split_once(':')?;
+    let (host, _time) = rest.rsplit_once(':')?;
+    Some((source.to_string(), host.to_string(), seq.parse().ok()?))
+}
+
+async fn read_history(client: &ImmuClient, prefix: &[u8]) -> Result<History> {
     let started = std::time::Instant::now();
     let mut reported = started;
-    let mut found = Vec::new();
+    let mut history = History::default();
+    // 16 bytes of a key's hash are enough to notice a second write without keeping the keys.
+    let mut seen: std::collections::HashSet<[u8; 16]> = Default::default();
     let walked = client
         .walk_history(|header, entries| {
             if reported.elapsed() >= Duration::from_secs(5) {
@@ -1366,13 +1400,38 @@ async fn deleted_records(client: &ImmuClient, prefix: &[u8]) -> Result<Vec<Strin
                 let Some(key) = e.key.strip_prefix(&[crate::immudb::proof::SET_KEY_PREFIX]) else {
                     continue;
                 };
-                if e.metadata.deleted && key.starts_with(prefix) {
-                    found.push(format!(
-                        "{}: deleted in tx {} (bt2immu never deletes: the record was removed \
-                         after it was recorded)",
-                        String::from_utf8_lossy(key),
+                if !key.starts_with(prefix) {
+                    continue;
+                }
+                let shown = String::from_utf8_lossy(key);
+                let md = &e.metadata;
+                if md.deleted {
+                    history.problems.push(format!(
+                        "{shown}: deleted in tx {} (bt2immu never deletes: the record was \
+                         removed after it was recorded)",
                         header.id
                     ));
+                }
+                if let Some(at) = md.expires_at {
+                    history.problems.push(format!(
+                        "{shown}: given an expiry (unix time {at}) in tx {} (bt2immu never sets \
+                         one: the record was made to vanish from reads)",
+                        header.id
+                    ));
+                }
+                if md.non_indexable {
+                    history.problems.push(format!(
+                        "{shown}: written as non-indexable in tx {} (bt2immu never does: the \
+                         entry is hidden from reads)",
+                        header.id
+                    ));
+                }
+                let digest: [u8; 32] = Sha256::digest(key).into();
+                if !seen.insert(digest[..16].try_into().expect("16 bytes")) {
+                    history.rewritten.push((shown.into_owned(), header.id));
+                }
+                if let Some((source, host, seq)) = key_parts(key) {
+                    history.written.entry((source, host)).or_default().push(seq);
                 }
             }
         })
@@ -1380,10 +1439,10 @@ async fn deleted_records(client: &ImmuClient, prefix: &[u8]) -> Result<Vec<Strin
         .context("checking the database's history")?;
     tracing::info!(
         transactions = walked,
-        deleted = found.len(),
+        problems = history.problems.len(),
         "history checked"
     );
-    Ok(found)
+    Ok(history)
 }
 
 /// The records this host's agents wrote and verified that the trail no longer holds at its
@@ -1489,7 +1548,7 @@ pub async fn query(args: QueryArgs) -> Result<i32> {
         .await
         .context("connecting to immudb")?;
     // Records removed with immudb's logical delete, found in the proven history.
-    let mut deleted: Vec<String> = Vec::new();
+    let mut history = History::default();
     if args.verify {
         // Before anything is read: an empty or short answer from a rolled-back or replaced
         // server must fail here, not look like a quiet trail.
@@ -1497,7 +1556,7 @@ pub async fn query(args: QueryArgs) -> Result<i32> {
             .verify_current_state()
             .await
             .context("verifying the server's state against the trusted state")?;
-        deleted = deleted_records(&client, args.prefix.as_bytes()).await?;
+        history = read_history(&client, args.prefix.as_bytes()).await?;
     }
     let limit = args.limit.unwrap_or(u64::MAX);
     let entries = scan_adaptive(&client, args.prefix.as_bytes(), limit).await?;
@@ -1617,6 +1676,17 @@ pub async fn query(args: QueryArgs) -> Result<i32> {
                 }
                 expect = s + 1;
             }
+            // A number claimed lost that reached immudb was not lost: the claim is false.
+            if let Some(w) = history.written.get(&(source.clone(), host.clone())) {
+                for &n in w {
+                    if cover.iter().any(|&(a, b)| (a..=b).contains(&n)) {
+                        problems.push(format!(
+                            "{source} on {host}: record {n} is named lost by a spool_corrupted \
+                             record, but it was written to immudb: the loss record is false"
+                        ));
+                    }
+                }
+            }
             for (a, b) in cover {
                 say!(
                     "bt2immu: {source} on {host}: record(s) {a}..={b} were lost to a damaged \
@@ -1629,7 +1699,17 @@ pub async fn query(args: QueryArgs) -> Result<i32> {
     if args.verify && complete {
         problems.extend(newest_missing(&args.conn.state_dir, &args.prefix, &rows)?);
     }
-    problems.extend(deleted);
+    // A key written twice that the listing no longer shows (e.g. its new version expired).
+    let listed: std::collections::HashSet<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+    for (key, tx) in &history.rewritten {
+        if !listed.contains(key.as_str()) {
+            problems.push(format!(
+                "{key}: written again in tx {tx}, but bt2immu writes each record once, and the \
+                 key is no longer listed"
+            ));
+        }
+    }
+    problems.extend(history.problems);
     match args.format {
         cli::QueryFormat::Jsonl => {
             for (key, tx, value, tampered) in &rows {

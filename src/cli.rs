@@ -111,7 +111,8 @@ pub struct ConnArgs {
     #[arg(long, env = "IMMUCLIENT_IMMUDB_ADDRESS")]
     pub immudb_address: Option<String>,
     /// immudb server port.
-    #[arg(long, env = "IMMUCLIENT_IMMUDB_PORT", default_value_t = 3322)]
+    #[arg(long, env = "IMMUCLIENT_IMMUDB_PORT", default_value_t = 3322,
+          value_parser = clap::value_parser!(u16).range(1..))]
     pub immudb_port: u16,
     /// immudb user.
     #[arg(long, env = "IMMUCLIENT_USERNAME", default_value = "immudb")]

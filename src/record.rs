@@ -287,6 +287,11 @@ pub fn source_name(raw: &str) -> String {
             _ => '_',
         })
         .collect();
+    // Not `.` or `..`: the source names a directory of the spool.
+    let s = match s.strip_prefix('.') {
+        Some(rest) => format!("_{rest}"),
+        None => s,
+    };
     if s.is_empty() {
         "bpftrace".into()
     } else {
@@ -478,6 +483,16 @@ impl Shaper {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_source_name_is_never_a_path_step() {
+        assert_eq!(source_name(".."), "_.");
+        assert_eq!(source_name("."), "_");
+        assert_eq!(source_name(".hidden"), "_hidden");
+        assert_eq!(source_name("a/../b"), "a_.._b");
+        assert_eq!(source_name("Exec Snoop"), "exec_snoop");
+        assert_eq!(source_name(""), "bpftrace");
+    }
 
     fn shaper() -> Shaper {
         Shaper::new(

@@ -149,7 +149,7 @@ pub async fn run(
     loop {
         let batch = reader.read_batch(cfg.max_batch, cfg.max_batch_bytes)?;
         if batch.is_empty() {
-            let end = { spool.lock().expect("spool lock").next_seq() - 1 };
+            let end = { spool.lock().expect("spool lock").last_appended() };
             if *drain.borrow() && reader.position() >= end {
                 return Ok(stats);
             }

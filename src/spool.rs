@@ -34,6 +34,9 @@ const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// A frame larger than this is corruption, not data (immudb values are at most 32 MiB).
 const MAX_FRAME: u32 = 40 * 1024 * 1024;
 const FRAME_HEADER: usize = 8;
+/// Sequence numbers stay far below `u64::MAX`, so `+ 1` never wraps: a number above this (in
+/// a frame, a floor, or a record found in immudb) is damage or forgery, not data.
+pub const MAX_SEQ: u64 = 1 << 62;
 
 #[derive(Debug, Error)]
 pub enum SpoolError {
@@ -51,6 +54,8 @@ pub enum SpoolError {
     },
     #[error("spool sequence must increase: got {got} after {last}")]
     OutOfOrder { got: u64, last: u64 },
+    #[error("sequence number {0} is beyond what the spool accepts")]
+    SeqTooLarge(u64),
     #[error("spool key too long ({0} bytes)")]
     KeyTooLong(usize),
     #[error("record of {0} bytes is larger than the spool accepts")]
@@ -301,24 +306,45 @@ impl Spool {
             acked,
             ..Default::default()
         };
+        if floor > MAX_SEQ {
+            return Err(SpoolError::Corrupted {
+                path: dir.join("floor"),
+                offset: 0,
+                reason: format!("floor {floor} is beyond any sequence number the agent uses"),
+            });
+        }
         let mut last_seq = acked;
         let mut gaps = Vec::new();
         let mut last_pos = (0u64, 0u64);
+        // The highest number in any frame: numbers only ever increase, across segments too,
+        // and a segment is named after the first number it was created for.
+        let mut max_frame = 0u64;
         for (i, &first) in segments.iter().enumerate() {
             let path = segment_path(&dir, first);
+            if max_frame >= first {
+                return Err(SpoolError::Corrupted {
+                    path,
+                    offset: 0,
+                    reason: format!("segment named {first} follows records up to {max_frame}"),
+                });
+            }
             let file = File::open(&path).map_err(io_err(&path))?;
             let mut r = BufReader::new(file);
             let mut offset = 0u64;
             loop {
                 match read_frame(&mut r, offset).map_err(io_err(&path))? {
                     Frame::Entry(e, next) => {
-                        if e.seq <= last_seq && e.seq > acked {
+                        if e.seq <= max_frame || e.seq < first || e.seq > MAX_SEQ {
                             return Err(SpoolError::Corrupted {
                                 path,
                                 offset,
-                                reason: format!("sequence {} after {}", e.seq, last_seq),
+                                reason: format!(
+                                    "sequence {} after {max_frame} in the segment named {first}",
+                                    e.seq
+                                ),
                             });
                         }
+                        max_frame = e.seq;
                         if e.seq > acked {
                             recovery.pending += 1;
                             if e.seq > last_seq + 1 {
@@ -352,6 +378,15 @@ impl Spool {
                 }
             }
             last_pos = (first, offset);
+        }
+        if acked > max_frame {
+            // The acknowledged record is always kept (only older segments are deleted): an
+            // ack beyond every record would silently skip what is still unsent.
+            return Err(SpoolError::Corrupted {
+                path: dir.join("ack"),
+                offset: 0,
+                reason: format!("ack {acked} is beyond the last record in the spool ({max_frame})"),
+            });
         }
         if floor > last_seq {
             gaps.push((last_seq + 1, floor));
@@ -395,6 +430,12 @@ impl Spool {
         self.next_seq
     }
 
+    /// The number of the last entry actually in the spool (or the ack point): what a reader
+    /// can reach. Below `next_seq - 1` when numbers were skipped.
+    pub fn last_appended(&self) -> u64 {
+        self.committed.borrow().last_seq
+    }
+
     pub fn acked(&self) -> u64 {
         self.acked
     }
@@ -436,6 +477,9 @@ impl Spool {
         if next <= self.next_seq {
             return Ok(());
         }
+        if next > MAX_SEQ {
+            return Err(SpoolError::SeqTooLarge(next));
+        }
         write_atomic(&self.dir, "floor", format!("{}\n", next - 1).as_bytes())?;
         self.gaps.push((self.next_seq, next - 1));
         self.next_seq = next;
@@ -450,6 +494,9 @@ impl Spool {
         let mut expect = self.next_seq;
         let mut gaps = Vec::new();
         for e in entries {
+            if e.seq > MAX_SEQ {
+                return Err(SpoolError::SeqTooLarge(e.seq));
+            }
             if e.seq != expect && !(gaps_allowed && e.seq > expect) {
                 return Err(SpoolError::OutOfOrder {
                     got: e.seq,
@@ -563,24 +610,10 @@ pub struct Salvage {
     pub lost: Vec<(u64, u64)>,
 }
 
-/// Reads every frame with a good checksum from the spool in `dir` (which `Spool::open`
-/// refused), in order, resynchronising after damage at the next valid frame, and hands the
-/// unacknowledged ones to `each` in increasing sequence order. Never modifies `dir`.
-pub fn salvage(
-    dir: impl AsRef<Path>,
-    mut each: impl FnMut(Entry) -> Result<()>,
-) -> Result<Salvage> {
-    let dir = dir.as_ref();
-    let mut out = Salvage {
-        acked: read_number(dir, "ack").ok(),
-        ..Default::default()
-    };
-    let acked = out.acked.unwrap_or(0);
-    // Numbers at or below the floor were skipped on purpose, not lost.
-    let floor = read_number(dir, "floor").unwrap_or(0);
-    out.highest_seq = acked.max(floor);
-    let mut last = acked;
-    let mut expect = acked.max(floor) + 1;
+/// Every frame with a good checksum in the segments of `dir`, in name order, resynchronising
+/// after damage at the next valid frame. Returns the bytes that were no part of one.
+fn each_readable_frame(dir: &Path, mut each: impl FnMut(Entry) -> Result<()>) -> Result<u64> {
+    let mut unreadable = 0u64;
     for first in list_segments(dir)? {
         let path = segment_path(dir, first);
         let bytes = fs::read(&path).map_err(io_err(&path))?;
@@ -589,32 +622,68 @@ pub fn salvage(
             match read_frame(&mut &bytes[pos..], pos as u64).map_err(io_err(&path))? {
                 Frame::Entry(e, next) => {
                     pos = next as usize;
-                    out.highest_seq = out.highest_seq.max(e.seq);
-                    if e.seq <= acked {
-                        continue;
-                    }
-                    if e.seq <= last {
-                        out.out_of_order += 1;
-                        continue;
-                    }
-                    last = e.seq;
-                    out.recovered += 1;
-                    if e.seq > expect {
-                        out.lost.push((expect, e.seq - 1));
-                    }
-                    expect = e.seq + 1;
                     each(e)?;
                 }
                 Frame::End => break,
                 Frame::Bad(..) => {
-                    let next = next_valid_frame(&bytes[pos..]).map(|p| pos + p);
-                    let to = next.unwrap_or(bytes.len());
-                    out.unreadable_bytes += (to - pos) as u64;
+                    let to = next_valid_frame(&bytes[pos..]).map_or(bytes.len(), |p| pos + p);
+                    unreadable += (to - pos) as u64;
                     pos = to;
                 }
             }
         }
     }
+    Ok(unreadable)
+}
+
+/// Reads every frame with a good checksum from the spool in `dir` (which `Spool::open`
+/// refused), in order, resynchronising after damage at the next valid frame, and hands the
+/// unacknowledged ones to `each` in increasing sequence order. Never modifies `dir`.
+pub fn salvage(
+    dir: impl AsRef<Path>,
+    mut each: impl FnMut(Entry) -> Result<()>,
+) -> Result<Salvage> {
+    let dir = dir.as_ref();
+    // An ack beyond every readable frame cannot be told from damage (the acknowledged
+    // record is always kept): then everything readable is resent, idempotently.
+    let mut frames_max = 0u64;
+    each_readable_frame(dir, |e| {
+        if e.seq <= MAX_SEQ {
+            frames_max = frames_max.max(e.seq);
+        }
+        Ok(())
+    })?;
+    let out_acked = read_number(dir, "ack").ok().filter(|&a| a <= frames_max);
+    let mut out = Salvage {
+        acked: out_acked,
+        ..Default::default()
+    };
+    let acked = out.acked.unwrap_or(0);
+    // Numbers at or below the floor were skipped on purpose, not lost.
+    let floor = read_number(dir, "floor")
+        .ok()
+        .filter(|&f| f <= MAX_SEQ)
+        .unwrap_or(0);
+    out.highest_seq = acked.max(floor);
+    let mut last = acked;
+    let mut expect = acked.max(floor) + 1;
+    out.unreadable_bytes = each_readable_frame(dir, |e| {
+        if e.seq > MAX_SEQ || (e.seq > acked && e.seq <= last) {
+            out.out_of_order += 1;
+            return Ok(());
+        }
+        out.highest_seq = out.highest_seq.max(e.seq);
+        if e.seq <= acked {
+            return Ok(());
+        }
+        last = e.seq;
+        out.recovered += 1;
+        if e.seq > expect {
+            out.lost.push((expect, e.seq - 1));
+        }
+        expect = e.seq + 1;
+        each(e)
+    })?;
     if out.highest_seq >= expect {
         out.lost.push((expect, out.highest_seq));
     }
@@ -955,5 +1024,70 @@ mod tests {
         assert_eq!(got, vec![1, 2, 3]);
         assert!(s.lost.is_empty());
         assert_eq!(s.highest_seq, 3);
+    }
+
+    /// Found by an adversarial pass: a stray segment named inside the range of an older one
+    /// made the reader start there and skip unsent records; an ack raised past every record
+    /// silently dropped the unsent ones; numbers near `u64::MAX` wrapped to 0.
+    #[test]
+    fn impossible_spool_states_are_damage_not_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut spool, _) = Spool::open(dir.path()).unwrap();
+        spool
+            .append(&(1..=10).map(entry).collect::<Vec<_>>())
+            .unwrap();
+        spool.ack(5).unwrap();
+        drop(spool);
+
+        fs::write(segment_path(dir.path(), 3), [0xabu8; 36]).unwrap();
+        assert!(matches!(
+            Spool::open(dir.path()),
+            Err(SpoolError::Corrupted { reason, .. }) if reason.contains("segment named 3")
+        ));
+        let mut got = Vec::new();
+        let s = salvage(dir.path(), |e| {
+            got.push(e.seq);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            got,
+            vec![6, 7, 8, 9, 10],
+            "the stray segment costs nothing readable"
+        );
+        assert_eq!(s.acked, Some(5));
+        fs::remove_file(segment_path(dir.path(), 3)).unwrap();
+
+        fs::write(dir.path().join("ack"), b"999\n").unwrap();
+        assert!(matches!(
+            Spool::open(dir.path()),
+            Err(SpoolError::Corrupted { reason, .. }) if reason.contains("ack 999 is beyond")
+        ));
+        let mut got = Vec::new();
+        let s = salvage(dir.path(), |e| {
+            got.push(e.seq);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(s.acked, None, "an ack beyond every record is not trusted");
+        assert_eq!(got, (1..=10).collect::<Vec<_>>());
+        fs::write(dir.path().join("ack"), b"5\n").unwrap();
+
+        let (mut spool, _) = Spool::open(dir.path()).unwrap();
+        assert!(matches!(
+            spool.skip_to(MAX_SEQ + 1),
+            Err(SpoolError::SeqTooLarge(_))
+        ));
+        assert!(matches!(
+            spool.restore(&[entry(u64::MAX)]),
+            Err(SpoolError::SeqTooLarge(_))
+        ));
+        assert_eq!(spool.next_seq(), 11);
+        drop(spool);
+        fs::write(dir.path().join("floor"), format!("{}\n", u64::MAX)).unwrap();
+        assert!(matches!(
+            Spool::open(dir.path()),
+            Err(SpoolError::Corrupted { .. })
+        ));
     }
 }

@@ -102,3 +102,16 @@ fn run_without_root_says_it_needs_root() {
     assert!(err.contains("`run` needs root"), "{err}");
     assert!(!err.contains("restart"), "{err}");
 }
+
+#[test]
+fn port_zero_is_a_usage_error() {
+    let (code, err) = bt2immu(&[
+        "query",
+        "--immudb-address",
+        "127.0.0.1",
+        "--immudb-port",
+        "0",
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--immudb-port"), "{err}");
+}

@@ -316,3 +316,72 @@ async fn query_flags_records_that_bt2immu_did_not_write() {
     assert_eq!(flagged.len(), 2, "{flagged:?}");
     assert!(flagged.contains(&copy_key.as_str()) && flagged.contains(&foreign_key.as_str()));
 }
+
+/// A record made to vanish from reads by a new revision that expires (no delete marker), and
+/// a forged `spool_corrupted` loss record that names its number as lost (found by an
+/// adversarial pass: the query said "each verified" and exit 0). The newest record expired
+/// the same way must be noticed from any machine, without the agent's state dir.
+#[tokio::test(flavor = "multi_thread")]
+async fn query_notices_records_made_to_expire_and_a_forged_loss_record() {
+    let srv = server().await;
+    let work = tempfile::tempdir().unwrap();
+    let state = work.path().join("state");
+    let keys = ingest_three(srv.port(), work.path(), &state);
+    let q = bt2immu(&["query", "--prefix", "qt:"], srv.port(), &state);
+    let all = rows(&q);
+    let value_of = |k: &str| all.iter().find(|r| r["key"] == k).unwrap()["value"].clone();
+    let second = value_of(&keys[1]);
+    let third = value_of(&keys[2]);
+    let host = second["host"].as_str().unwrap().to_string();
+
+    // The same value again, expiring in 2 s: the key is then gone from scans and gets.
+    let expires = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        + 2;
+    let loss = serde_json::json!({
+        "v": 1, "kind": "loss", "source": "qt", "host": host, "seq": 50,
+        "ts": "2099-01-01T00:00:00.000000000Z", "cause": "spool_corrupted", "count": 1,
+        "lost_seqs": [[second["seq"].as_u64().unwrap(), second["seq"].as_u64().unwrap()]],
+    });
+    let loss_key = bt2immu::record::expected_key(&loss).unwrap();
+    let c = client(srv.port(), &work.path().join("forger")).await;
+    for (k, v) in [(&keys[1], &second), (&keys[2], &third)] {
+        c.set(
+            &[(k.clone().into_bytes(), serde_json::to_vec(v).unwrap())],
+            SetMode::UpsertExpiring(expires),
+        )
+        .await
+        .unwrap();
+    }
+    c.verified_set(
+        &[(loss_key.into_bytes(), serde_json::to_vec(&loss).unwrap())],
+        SetMode::MustNotExist,
+    )
+    .await
+    .unwrap();
+    c.close().await;
+    std::thread::sleep(std::time::Duration::from_secs(4));
+
+    // From another machine: a fresh state dir (no spool acknowledgement to compare with).
+    let elsewhere = work.path().join("elsewhere");
+    let q = bt2immu(&["query", "--prefix", "qt:"], srv.port(), &elsewhere);
+    let err = String::from_utf8_lossy(&q.stderr);
+    assert_eq!(
+        q.status.code(),
+        Some(3),
+        "the vanished records passed: {err}"
+    );
+    for k in [&keys[1], &keys[2]] {
+        assert!(err.contains(&format!("{k}: given an expiry")), "{k}: {err}");
+    }
+    assert!(
+        err.contains(&format!(
+            "record {} is named lost by a spool_corrupted record, but it was written",
+            second["seq"]
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("each verified"), "{err}");
+}

@@ -280,4 +280,61 @@ async fn a_new_state_dir_continues_the_numbering_found_in_immudb() {
         .find(|v| v["line"] == "second install one")
         .unwrap();
     assert!(new["seq"].as_u64().unwrap() > highest);
+
+    // The first state dir again (two copies, or an old backup): it too continues after what
+    // immudb holds instead of reusing the numbers the second one took.
+    std::fs::write(&input, b"first install again\n").unwrap();
+    let out = bt2immu(
+        &["ingest", "--source", "ns", input.to_str().unwrap()],
+        srv.port(),
+        &first,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A new state dir with nothing to write: its numbers start past the last record, and it
+    // must still finish (found by an adversarial pass: it waited for ever for a record that
+    // would carry the skipped number).
+    let empty = work.path().join("empty.txt");
+    std::fs::write(&empty, b"").unwrap();
+    let pw = work.path().join("state3.pw");
+    std::fs::write(&pw, format!("{ADMIN_PASSWORD}\n")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bt2immu"))
+        .args(["ingest", "--source", "ns"])
+        .arg(&empty)
+        .args(["--immudb-address", "127.0.0.1", "--immudb-port"])
+        .arg(srv.port().to_string())
+        .arg("--password-file")
+        .arg(&pw)
+        .arg("--state-dir")
+        .arg(work.path().join("state3"))
+        .env_remove("BT2IMMU_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("ingest of nothing into a new state dir never finished");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status.code(), Some(0));
+
+    let (q, rows) = trail(srv.port(), &first, "ns:");
+    let qerr = String::from_utf8_lossy(&q.stderr);
+    assert_eq!(q.status.code(), Some(0), "{qerr}");
+    let mut seqs: Vec<u64> = rows.iter().filter_map(|v| v["seq"].as_u64()).collect();
+    let n = seqs.len();
+    seqs.sort_unstable();
+    seqs.dedup();
+    assert_eq!(seqs.len(), n, "no number used twice: {seqs:?}");
 }

@@ -122,6 +122,9 @@ pub enum SetMode {
     /// Every key carries a `keyMustNotExist` precondition: the whole transaction is refused
     /// ([`ClientError::PreconditionFailed`]) if any key exists, so a replay cannot duplicate.
     MustNotExist,
+    /// A new revision that expires at the given Unix time. bt2immu never writes one; tests
+    /// use it to play someone who makes a record vanish from reads without deleting it.
+    UpsertExpiring(i64),
 }
 
 /// Errors of the client. [`is_tampering`](Self::is_tampering) separates "the server (or the
@@ -1360,7 +1363,7 @@ fn check_identity(config: &ClientConfig, uuid: &str) -> Result<(), ClientError> 
             };
             let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
             let json = serde_json::to_vec_pretty(&rec).expect("plain struct serialises");
-            {
+            let written = (|| {
                 use std::io::Write as _;
                 use std::os::unix::fs::OpenOptionsExt as _;
                 let mut f = std::fs::OpenOptions::new()
@@ -1372,9 +1375,14 @@ fn check_identity(config: &ClientConfig, uuid: &str) -> Result<(), ClientError> 
                 f.write_all(&json)
                     .and_then(|_| f.sync_all())
                     .map_err(io(format!("writing {}", tmp.display())))?;
+                std::fs::rename(&tmp, &path).map_err(io(format!("writing {}", path.display())))
+            })();
+            // A failed attempt (e.g. a full disk) must not leave the file that makes every
+            // retry fail with "File exists".
+            if written.is_err() {
+                let _ = std::fs::remove_file(&tmp);
             }
-            std::fs::rename(&tmp, &path).map_err(io(format!("writing {}", path.display())))?;
-            Ok(())
+            written
         }
         Err(e) => Err(io(format!("reading {}", path.display()))(e)),
     }
@@ -1394,7 +1402,7 @@ fn set_request(
         return Err(ClientError::InvalidRequest("empty key".into()));
     }
     let preconditions = match mode {
-        SetMode::Upsert => Vec::new(),
+        SetMode::Upsert | SetMode::UpsertExpiring(_) => Vec::new(),
         SetMode::MustNotExist => kvs
             .iter()
             .map(|(k, _)| proto::Precondition {
@@ -1410,7 +1418,13 @@ fn set_request(
             .map(|(k, v)| proto::KeyValue {
                 key: k.clone(),
                 value: v.clone(),
-                metadata: None,
+                metadata: match mode {
+                    SetMode::UpsertExpiring(at) => Some(proto::KvMetadata {
+                        expiration: Some(proto::Expiration { expires_at: at }),
+                        ..Default::default()
+                    }),
+                    _ => None,
+                },
             })
             .collect(),
         no_wait: false,
