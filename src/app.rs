@@ -413,6 +413,9 @@ async fn continue_numbering(config: &ClientConfig, prefix: &str, spool: &Mutex<S
         let page = client.scan(prefix.as_bytes(), b"", 100, true).await?;
         let mut best: Option<(u64, Vec<u8>)> = None;
         for e in page {
+            if e.referenced_by.is_some() {
+                continue; // not a record bt2immu wrote
+            }
             let Ok(v) = serde_json::from_slice::<serde_json::Value>(&e.value) else {
                 continue;
             };
@@ -1327,8 +1330,21 @@ async fn scan_adaptive(
         match client.scan(prefix, &seek, want, false).await {
             Ok(entries) => {
                 let n = entries.len() as u64;
-                if let Some(last) = entries.last() {
-                    seek = last.key.clone();
+                // The server must answer in key order, under the prefix: anything else could
+                // make a page skip records.
+                for e in &entries {
+                    let k = e.stored_key();
+                    if !k.starts_with(prefix) || (!seek.is_empty() && k <= &seek[..]) {
+                        return Err(exit(
+                            cli::EXIT_VERIFICATION,
+                            format!(
+                                "VERIFICATION FAILED — immudb's scan answered {} out of key \
+                                 order or outside the prefix",
+                                String::from_utf8_lossy(k)
+                            ),
+                        ));
+                    }
+                    seek = k.to_vec();
                 }
                 out.extend(entries);
                 if n < want {
@@ -1583,6 +1599,16 @@ pub async fn query(args: QueryArgs) -> Result<i32> {
         }
         let key = String::from_utf8_lossy(&e.key).into_owned();
         let mut tampered = false;
+        if let Some(r) = &e.referenced_by {
+            // bt2immu never writes references; one under the prefix shows another record in
+            // its place (and would shift the scan's pages past real ones).
+            problems.push(format!(
+                "{}: a reference to {key} (bt2immu never writes references: it makes another \
+                 record appear in the trail's place)",
+                String::from_utf8_lossy(r)
+            ));
+            tampered = true;
+        }
         let value = if args.verify {
             let history = client
                 .history(&e.key)

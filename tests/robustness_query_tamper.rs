@@ -385,3 +385,81 @@ async fn query_notices_records_made_to_expire_and_a_forged_loss_record() {
     );
     assert!(!err.contains("each verified"), "{err}");
 }
+
+/// A reference under the prefix (found by an adversarial pass): immudb's scan follows it and
+/// reports the referenced key and value, and paging after that key skipped the real records
+/// in between — a forged record took the place of real one 500 with exit 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn query_notices_a_reference_that_puts_a_forgery_in_a_records_place() {
+    let srv = server().await;
+    let work = tempfile::tempdir().unwrap();
+    let state = work.path().join("state");
+    let input = work.path().join("in.txt");
+    let lines: Vec<String> = (1..=600).map(|i| format!("cmd number {i}")).collect();
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let out = bt2immu(
+        &["ingest", "--source", "rf", input.to_str().unwrap()],
+        srv.port(),
+        &state,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let q = bt2immu(&["query", "--prefix", "rf:"], srv.port(), &state);
+    assert_eq!(q.status.code(), Some(0));
+    let all = rows(&q);
+    let by_line = |l: &str| {
+        all.iter()
+            .find(|r| r["value"]["line"] == l)
+            .unwrap()
+            .clone()
+    };
+    let r499 = by_line("cmd number 499");
+    let r500 = by_line("cmd number 500");
+
+    // A forgery consistent with its key (record 500's time + 1 ns), and a reference that
+    // sorts right after record 499 — the 500th key, the last of the query's first page.
+    let mut forged = r500["value"].clone();
+    forged["line"] = "ls -la".into();
+    let ts = forged["ts"].as_str().unwrap().to_string();
+    let last = ts.as_bytes()[ts.len() - 2];
+    let bumped = if last == b'9' { b'8' } else { last + 1 } as char;
+    forged["ts"] = format!("{}{bumped}Z", &ts[..ts.len() - 2]).into();
+    let forged_key = bt2immu::record::expected_key(&forged).unwrap();
+    let c = client(srv.port(), &work.path().join("forger")).await;
+    c.verified_set(
+        &[(
+            forged_key.clone().into_bytes(),
+            serde_json::to_vec(&forged).unwrap(),
+        )],
+        SetMode::MustNotExist,
+    )
+    .await
+    .unwrap();
+    c.close().await;
+    let ref_key = format!("{}x", r499["key"].as_str().unwrap());
+    let home = work.path().join("ic");
+    std::fs::create_dir_all(&home).unwrap();
+    assert!(immuclient(srv.port(), &home, &["login", "immudb"])
+        .status
+        .success());
+    let r = immuclient(srv.port(), &home, &["reference", &ref_key, &forged_key]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+
+    for dir in [state.clone(), work.path().join("elsewhere")] {
+        let q = bt2immu(&["query", "--prefix", "rf:"], srv.port(), &dir);
+        let err = String::from_utf8_lossy(&q.stderr);
+        assert_eq!(q.status.code(), Some(3), "the reference passed: {err}");
+        assert!(
+            err.contains(&format!("{ref_key}: a reference to {forged_key}")),
+            "{err}"
+        );
+        let got = rows(&q);
+        assert!(
+            got.iter().any(|r| r["value"]["line"] == "cmd number 500"),
+            "the real record 500 is still listed"
+        );
+    }
+}

@@ -266,6 +266,18 @@ pub struct UnverifiedEntry {
     pub tx: u64,
     pub revision: u64,
     pub metadata: Option<KvMetadata>,
+    /// Set when the entry was reached through a reference: the reference's own key. immudb
+    /// then reports the *referenced* key and value in `key` and `value`, so the key where the
+    /// entry sits in the scan's order is this one.
+    pub referenced_by: Option<Vec<u8>>,
+}
+
+impl UnverifiedEntry {
+    /// The key under which the server stores this entry (the reference's, for a reference):
+    /// what scan order and paging are about.
+    pub fn stored_key(&self) -> &[u8] {
+        self.referenced_by.as_deref().unwrap_or(&self.key)
+    }
 }
 
 /// The server's current state as it reports it (`CurrentState`); its signature is checked
@@ -713,7 +725,7 @@ impl ImmuClient {
             let page = self.scan(prefix, &seek, page_size, false).await?;
             let n = page.len() as u64;
             if let Some(last) = page.last() {
-                seek = last.key.clone();
+                seek = last.stored_key().to_vec();
             }
             all.extend(page);
             if n < page_size {
@@ -1537,6 +1549,7 @@ fn dual_from_proto(d: Option<&proto::DualProof>) -> Result<proof::DualProof, Cli
 fn unverified(e: proto::Entry) -> UnverifiedEntry {
     UnverifiedEntry {
         metadata: e.metadata.as_ref().map(|m| kv_md(Some(m))),
+        referenced_by: e.referenced_by.map(|r| r.key),
         key: e.key,
         value: e.value,
         tx: e.tx,
