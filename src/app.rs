@@ -354,6 +354,24 @@ impl DamagedSpool {
     }
 }
 
+/// Loss records for what opening the spool had to repair, so the trail shows it.
+fn note_spool_repairs(
+    recovery: &crate::spool::Recovery,
+    damaged: Option<&DamagedSpool>,
+    pipeline: &mut Pipeline,
+) -> Result<()> {
+    if recovery.torn_bytes > 0 {
+        // Normally one record cut by a crash mid-append, but the bytes cannot say how many.
+        let mut d = Map::new();
+        d.insert("bytes".into(), json!(recovery.torn_bytes));
+        pipeline.note_loss_uncounted("spool_torn_tail", d)?;
+    }
+    if let Some(d) = damaged {
+        d.note(pipeline)?;
+    }
+    Ok(())
+}
+
 /// Moves a damaged spool aside and starts a fresh one with what can still be read from it, so
 /// damage on disk costs the records it hit, never the recording. Numbers used by the damaged
 /// spool are never used again.
@@ -404,9 +422,10 @@ fn quarantine_spool(
 }
 
 /// Continues after the highest record number immudb holds for `prefix` when it is above the
-/// spool's (a new or second state dir, a damaged spool): reusing numbers would make the trail
-/// look tampered with (two records with one seq). Best effort: capture never waits long for
-/// immudb.
+/// spool's. Called at every start: another state dir (a reinstall, a second copy, a damaged
+/// spool moved aside) may have numbered records under this prefix since, and reusing numbers
+/// would make the trail look tampered with (two records with one seq). Best effort: capture
+/// never waits long for immudb.
 async fn continue_numbering(config: &ClientConfig, prefix: &str, spool: &Mutex<Spool>) {
     let look = async {
         let client = ImmuClient::connect(config.clone()).await?;
@@ -753,8 +772,6 @@ pub async fn run(args: RunArgs) -> Result<i32> {
             .unwrap_or_else(|| "-e".into()),
         sha256: sha256_hex(source_text.as_bytes()),
     };
-    // Every start: another state dir (a reinstall, a second copy) may have numbered records
-    // under this prefix since; reusing those numbers would look like forgery.
     continue_numbering(&target.config, &format!("{source}:{}:", host.host), &spool).await;
     let next_seq = spool.lock().expect("spool lock").next_seq();
     let shaper = Shaper::new(host, &source, Some(script_ref), next_seq);
@@ -763,15 +780,7 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     if let Some(pid) = target.local.as_ref().and_then(|l| l.pid()) {
         pipeline.add_own_pid(pid);
     }
-    if recovery.torn_bytes > 0 {
-        // Normally one record cut by a crash mid-append, but the bytes cannot say how many.
-        let mut d = Map::new();
-        d.insert("bytes".into(), json!(recovery.torn_bytes));
-        pipeline.note_loss_uncounted("spool_torn_tail", d)?;
-    }
-    if let Some(d) = &damaged {
-        d.note(&mut pipeline)?;
-    }
+    note_spool_repairs(&recovery, damaged.as_ref(), &mut pipeline)?;
     // A marker that exists only while an agent runs: finding it at start means the previous
     // run was killed (or the host crashed), and the trail must say that capture stopped then.
     let running_marker = args
@@ -1068,21 +1077,11 @@ pub async fn ingest(args: IngestArgs) -> Result<i32> {
         path: p.display().to_string(),
         sha256: sha256_hex(script_text.as_deref().unwrap_or("").as_bytes()),
     });
-    // Every start: another state dir (a reinstall, a second copy) may have numbered records
-    // under this prefix since; reusing those numbers would look like forgery.
     continue_numbering(&target.config, &format!("{source}:{}:", host.host), &spool).await;
     let next_seq = spool.lock().expect("spool lock").next_seq();
     let shaper = Shaper::new(host, &source, script_ref, next_seq).replayed();
     let mut pipeline = Pipeline::new(format, interp, shaper, spool.clone(), args.stdout);
-    if recovery.torn_bytes > 0 {
-        // Normally one record cut by a crash mid-append, but the bytes cannot say how many.
-        let mut d = Map::new();
-        d.insert("bytes".into(), json!(recovery.torn_bytes));
-        pipeline.note_loss_uncounted("spool_torn_tail", d)?;
-    }
-    if let Some(d) = &damaged {
-        d.note(&mut pipeline)?;
-    }
+    note_spool_repairs(&recovery, damaged.as_ref(), &mut pipeline)?;
     let sink = spawn_sink(target.config.clone(), spool.clone());
     pipeline.feed(&first)?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -1703,7 +1702,10 @@ pub async fn query(args: QueryArgs) -> Result<i32> {
                 expect = s + 1;
             }
             // A number claimed lost that reached immudb was not lost: the claim is false.
-            if let Some(w) = history.written.get(&(source.clone(), host.clone())) {
+            let claimed = (!cover.is_empty())
+                .then(|| history.written.get(&(source.clone(), host.clone())))
+                .flatten();
+            if let Some(w) = claimed {
                 for &n in w {
                     if cover.iter().any(|&(a, b)| (a..=b).contains(&n)) {
                         problems.push(format!(
@@ -1881,12 +1883,21 @@ mod tests {
     fn a_bare_word_that_is_no_script_is_pointed_at_the_subcommands() {
         assert!(subcommand_hint(Path::new("frobnicate")).contains("not a subcommand"));
         assert_eq!(subcommand_hint(Path::new("scripts/x.bt")), "");
-        assert_eq!(cli::edit_distance("kitten", "sitting"), 3);
     }
 
     #[test]
     fn only_the_part_of_a_gap_no_loss_record_explains_is_reported() {
         assert_eq!(uncovered((3, 9), &[]), vec![(3, 9)]);
+        assert_eq!(uncovered((3, 9), &[(3, 9)]), vec![]);
+        assert_eq!(uncovered((3, 9), &[(5, 6)]), vec![(3, 4), (7, 9)]);
+        assert_eq!(uncovered((3, 9), &[(1, 4), (8, 20)]), vec![(5, 7)]);
+        assert_eq!(uncovered((3, 9), &[(10, 12)]), vec![(3, 9)]);
+        let v = json!({"lost_seqs": [[3, 3], [7, 5], "x", [8, 9]]});
+        assert_eq!(lost_ranges(&v), vec![(3, 3), (8, 9)]);
+    }
+
+    #[test]
+    fn an_error_chain_says_each_cause_once() {
         let io = std::io::Error::from_raw_os_error(13);
         let e = anyhow::Error::new(crate::immudb::client::ClientError::Io {
             context: "creating state dir /x".into(),
@@ -1897,12 +1908,6 @@ mod tests {
             describe(&e),
             "connecting to immudb: creating state dir /x: Permission denied (os error 13)"
         );
-        assert_eq!(uncovered((3, 9), &[(3, 9)]), vec![]);
-        assert_eq!(uncovered((3, 9), &[(5, 6)]), vec![(3, 4), (7, 9)]);
-        assert_eq!(uncovered((3, 9), &[(1, 4), (8, 20)]), vec![(5, 7)]);
-        assert_eq!(uncovered((3, 9), &[(10, 12)]), vec![(3, 9)]);
-        let v = json!({"lost_seqs": [[3, 3], [7, 5], "x", [8, 9]]});
-        assert_eq!(lost_ranges(&v), vec![(3, 3), (8, 9)]);
     }
 
     #[test]

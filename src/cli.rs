@@ -328,6 +328,11 @@ mod tests {
     }
 
     #[test]
+    fn edit_distance_counts_single_character_edits() {
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
+
+    #[test]
     fn there_is_no_password_flag() {
         let v = normalize_args(
             ["bt2immu", "run", "--password", "x", "a.bt"]

@@ -11,25 +11,10 @@
 mod common;
 
 use std::io::Write as _;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{bt2immu, server, ADMIN_PASSWORD};
-
-/// Waits for the child; a process still there after `limit` is a hang, reported as such.
-fn wait_at_most(child: &mut Child, limit: Duration) -> ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            panic!("bt2immu did not stop within {limit:?} after the signal");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+use common::{bt2immu, bt2immu_command, dead_port, server, wait_at_most};
 
 fn sigint(child: &Child) {
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
@@ -45,31 +30,23 @@ async fn run_stops_cleanly_when_its_log_pipe_is_closed() {
     let srv = server().await;
     let work = tempfile::tempdir().unwrap();
     let state = work.path().join("state");
-    let pw = work.path().join("pw");
-    std::fs::write(&pw, format!("{ADMIN_PASSWORD}\n")).unwrap();
-    let mut agent = Command::new(env!("CARGO_BIN_EXE_bt2immu"))
-        .args([
+    let mut agent = bt2immu_command(
+        &[
             "-v",
             "run",
             "--source",
             "lp",
             "-e",
             "BEGIN { printf(\"ready\\n\"); } interval:ms:200 { printf(\"tick %d\\n\", 1); }",
-            "--immudb-address",
-            "127.0.0.1",
-            "--immudb-port",
-        ])
-        .arg(srv.port().to_string())
-        .arg("--password-file")
-        .arg(&pw)
-        .arg("--state-dir")
-        .arg(&state)
-        .env_remove("BT2IMMU_CONFIG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        ],
+        srv.port(),
+        &state,
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
     // Read the log until the capture runs, then close it, like a killed tee.
     let mut stderr = agent.stderr.take().unwrap();
     let mut log = Vec::new();
@@ -114,22 +91,7 @@ async fn run_stops_cleanly_when_its_log_pipe_is_closed() {
 fn ingest_from_a_pipe_stops_on_sigint_with_its_records_kept() {
     let work = tempfile::tempdir().unwrap();
     let state = work.path().join("state");
-    let pw = work.path().join("pw");
-    std::fs::write(&pw, format!("{ADMIN_PASSWORD}\n")).unwrap();
-    let dead_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bt2immu"))
-        .args(["ingest", "--source", "cw", "-"])
-        .args(["--immudb-address", "127.0.0.1", "--immudb-port"])
-        .arg(dead_port.to_string())
-        .arg("--password-file")
-        .arg(&pw)
-        .arg("--state-dir")
-        .arg(&state)
-        .env_remove("BT2IMMU_CONFIG")
+    let mut child = bt2immu_command(&["ingest", "--source", "cw", "-"], dead_port(), &state)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -11,11 +11,11 @@ mod common;
 
 use std::io::Write as _;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use bt2immu::spool::{Entry, Spool, SpoolError};
-use common::{bt2immu, server, ADMIN_PASSWORD};
+use common::{bt2immu, bt2immu_command, dead_port, server, wait_at_most};
 
 fn entry(seq: u64) -> Entry {
     Entry {
@@ -86,22 +86,7 @@ fn frame_with(bytes: &[u8], needle: &[u8]) -> Option<usize> {
 /// Spools `lines` with `ingest` while immudb is unreachable, then kills the agent (-9) so
 /// they stay unacknowledged in the spool under `state`.
 fn spool_unsent(state: &Path, source: &str, lines: &[String]) {
-    let dead_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let pw = state.with_extension("pw");
-    std::fs::write(&pw, format!("{ADMIN_PASSWORD}\n")).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bt2immu"))
-        .args(["ingest", "--source", source, "-"])
-        .args(["--immudb-address", "127.0.0.1", "--immudb-port"])
-        .arg(dead_port.to_string())
-        .arg("--password-file")
-        .arg(&pw)
-        .arg("--state-dir")
-        .arg(state)
-        .env_remove("BT2IMMU_CONFIG")
+    let mut child = bt2immu_command(&["ingest", "--source", source, "-"], dead_port(), state)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -130,6 +115,27 @@ fn spool_unsent(state: &Path, source: &str, lines: &[String]) {
     child.kill().unwrap();
     child.wait().unwrap();
     drop(stdin);
+}
+
+fn ingest_ok(port: u16, state: &Path, source: &str, input: &Path) {
+    let out = bt2immu(
+        &["ingest", "--source", source, input.to_str().unwrap()],
+        port,
+        state,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn assert_numbers_unique(rows: &[serde_json::Value]) {
+    let mut seqs: Vec<u64> = rows.iter().filter_map(|v| v["seq"].as_u64()).collect();
+    let n = seqs.len();
+    seqs.sort_unstable();
+    seqs.dedup();
+    assert_eq!(seqs.len(), n, "no number used twice: {seqs:?}");
 }
 
 fn trail(port: u16, state: &Path, prefix: &str) -> (std::process::Output, Vec<serde_json::Value>) {
@@ -236,16 +242,7 @@ async fn a_new_state_dir_continues_the_numbering_found_in_immudb() {
     let input = work.path().join("in.txt");
     std::fs::write(&input, b"first install one\nfirst install two\n").unwrap();
     let first = work.path().join("state1");
-    let out = bt2immu(
-        &["ingest", "--source", "ns", input.to_str().unwrap()],
-        srv.port(),
-        &first,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ingest_ok(srv.port(), &first, "ns", &input);
     let (_, before) = trail(srv.port(), &first, "ns:");
     let highest = before
         .iter()
@@ -270,11 +267,7 @@ async fn a_new_state_dir_continues_the_numbering_found_in_immudb() {
     let (q, rows) = trail(srv.port(), &second, "ns:");
     let qerr = String::from_utf8_lossy(&q.stderr);
     assert_eq!(q.status.code(), Some(0), "{qerr}");
-    let mut seqs: Vec<u64> = rows.iter().filter_map(|v| v["seq"].as_u64()).collect();
-    let n = seqs.len();
-    seqs.sort_unstable();
-    seqs.dedup();
-    assert_eq!(seqs.len(), n, "no number used twice: {seqs:?}");
+    assert_numbers_unique(&rows);
     let new = rows
         .iter()
         .find(|v| v["line"] == "second install one")
@@ -284,57 +277,27 @@ async fn a_new_state_dir_continues_the_numbering_found_in_immudb() {
     // The first state dir again (two copies, or an old backup): it too continues after what
     // immudb holds instead of reusing the numbers the second one took.
     std::fs::write(&input, b"first install again\n").unwrap();
-    let out = bt2immu(
-        &["ingest", "--source", "ns", input.to_str().unwrap()],
-        srv.port(),
-        &first,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ingest_ok(srv.port(), &first, "ns", &input);
 
     // A new state dir with nothing to write: its numbers start past the last record, and it
     // must still finish (found by an adversarial pass: it waited for ever for a record that
     // would carry the skipped number).
     let empty = work.path().join("empty.txt");
     std::fs::write(&empty, b"").unwrap();
-    let pw = work.path().join("state3.pw");
-    std::fs::write(&pw, format!("{ADMIN_PASSWORD}\n")).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bt2immu"))
-        .args(["ingest", "--source", "ns"])
-        .arg(&empty)
-        .args(["--immudb-address", "127.0.0.1", "--immudb-port"])
-        .arg(srv.port().to_string())
-        .arg("--password-file")
-        .arg(&pw)
-        .arg("--state-dir")
-        .arg(work.path().join("state3"))
-        .env_remove("BT2IMMU_CONFIG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            panic!("ingest of nothing into a new state dir never finished");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let mut child = bt2immu_command(
+        &["ingest", "--source", "ns", empty.to_str().unwrap()],
+        srv.port(),
+        &work.path().join("state3"),
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let status = wait_at_most(&mut child, Duration::from_secs(120));
     assert_eq!(status.code(), Some(0));
 
     let (q, rows) = trail(srv.port(), &first, "ns:");
     let qerr = String::from_utf8_lossy(&q.stderr);
     assert_eq!(q.status.code(), Some(0), "{qerr}");
-    let mut seqs: Vec<u64> = rows.iter().filter_map(|v| v["seq"].as_u64()).collect();
-    let n = seqs.len();
-    seqs.sort_unstable();
-    seqs.dedup();
-    assert_eq!(seqs.len(), n, "no number used twice: {seqs:?}");
+    assert_numbers_unique(&rows);
 }

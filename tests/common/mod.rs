@@ -153,13 +153,13 @@ pub fn copy_tree(from: &Path, to: &Path) {
     }
 }
 
-/// Runs the bt2immu binary against the test server on `port`, with the admin password in a
+/// The bt2immu binary set up against the test server on `port`, with the admin password in a
 /// file next to `state` and nothing taken from the environment or a config file.
-pub fn bt2immu(args: &[&str], port: u16, state: &Path) -> Output {
+pub fn bt2immu_command(args: &[&str], port: u16, state: &Path) -> Command {
     let pw = state.with_extension("pw");
     std::fs::write(&pw, format!("{ADMIN_PASSWORD}\n")).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_bt2immu"))
-        .args(args)
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bt2immu"));
+    cmd.args(args)
         .args(["--immudb-address", "127.0.0.1", "--immudb-port"])
         .arg(port.to_string())
         .arg("--password-file")
@@ -168,7 +168,37 @@ pub fn bt2immu(args: &[&str], port: u16, state: &Path) -> Output {
         .arg(state)
         .env_remove("IMMUCLIENT_IMMUDB_ADDRESS")
         .env_remove("IMMUCLIENT_IMMUDB_PORT")
-        .env_remove("BT2IMMU_CONFIG")
+        .env_remove("BT2IMMU_CONFIG");
+    cmd
+}
+
+/// Runs [`bt2immu_command`] to completion.
+pub fn bt2immu(args: &[&str], port: u16, state: &Path) -> Output {
+    bt2immu_command(args, port, state)
         .output()
         .expect("running bt2immu")
+}
+
+/// A loopback port nothing listens on (for "immudb unreachable").
+pub fn dead_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits for the child; a process still there after `limit` is a hang, reported as such.
+pub fn wait_at_most(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("bt2immu did not stop within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
